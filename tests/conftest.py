@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests run on CPU with few threads: CI has 2 cores."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory):
+    """A small MSD-layout phantom dataset shared by tests (4 training cases, 1 test case, 64x64x32)."""
+    from data.phantom import write_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_dataset(root, cases=4, test_cases=1, seed=0, size=(64, 64, 32))
+    return root
