@@ -1,0 +1,556 @@
+"""Latency and accuracy of every model × runtime × precision × thread count, with the machine's peak.
+
+    python -m benchmarks.latency --quick                       # untrained SwinUNETR-tiny, exported here
+    python -m benchmarks.latency --run-dir runs/demo --threads 1,2
+    python -m benchmarks.latency --bundle runs/demo/export/swinunetr_tiny --out runs/bench
+
+Rows: teacher (PyTorch eager) and every student on PyTorch eager, ONNX Runtime and OpenVINO, FP32,
+bf16 where the CPU has it natively, INT8 where export wrote an INT8 model; two workloads (one ROI patch;
+one whole CT volume end to end). Each row runs in a fresh process (``benchmarks.row``). Output in
+``--out``: ``benchmark.csv``, ``report.md``, ``latency_<workload>.png``, ``dice_vs_latency_<workload>.png``,
+``machine.json``; logged to the active MLflow run, if any.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmarks import report
+from benchmarks.crosscheck import CrossCheckError, run_benchmark_app
+from benchmarks.measure import MeasureError, run_module_in_subprocess
+from benchmarks.peak import cpu_supports_bf16, measure_peaks
+from benchmarks.runtimes import PRECISIONS, RUNTIMES, available, model_files
+from benchmarks.volume import resampled_shape, sliding_window_count
+
+WORKLOADS = ("patch", "volume")
+
+
+class BenchmarkConfigError(ValueError):
+    """Benchmark inputs that cannot be used (no models, bad thread list, missing run dir artifacts)."""
+
+
+@dataclass
+class ModelEntry:
+    """One model to benchmark, with every form it exists in.
+
+    Attributes:
+        name: row label (``teacher``, ``swinunetr_tiny``, ...).
+        roi_size: patch ``[X, Y, Z]``.
+        num_classes: K.
+        torch: eager source (``{"kind": "student"|"teacher", "path"}`` or ``{"kind": "arch", "name",
+            "num_classes"}``), or None.
+        onnx: ONNX file; onnx_int8: an INT8 (QDQ) ONNX file if export wrote one.
+        openvino: ``{"fp32": xml, "int8": xml}``.
+        bundle: deploy bundle folder (the volume workload on onnxruntime/openvino needs it).
+        preprocess: preprocessing spec; labels: ``{id: name}``; overlap: sliding-window overlap.
+        gflops: forward GFLOPs of one patch (counted when None and a torch source exists).
+        param_mb: parameter bytes of the eager model in MB (its size column).
+    """
+
+    name: str
+    roi_size: list[int]
+    num_classes: int
+    torch: dict | None = None
+    onnx: str | None = None
+    onnx_int8: str | None = None
+    openvino: dict = field(default_factory=dict)
+    bundle: str | None = None
+    preprocess: dict | None = None
+    labels: dict | None = None
+    overlap: float = 0.25
+    gflops: float | None = None
+    param_mb: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def entry_from_bundle(bundle_dir: str | Path, name: str | None = None, torch_source: dict | None = None) -> ModelEntry:
+    """A model entry from a deploy bundle's ``model.json`` (docs/interfaces.md).
+
+    Args:
+        bundle_dir: bundle folder.
+        name: row label; defaults to the student's arch name recorded in the bundle, else the folder name.
+        torch_source: eager source for the PyTorch rows; defaults to the arch recorded in the bundle (random
+            weights: its latency rows are valid, its Dice is not measured).
+    """
+    bundle_dir = Path(bundle_dir)
+    meta_path = bundle_dir / "model.json"
+    if not meta_path.is_file():
+        raise BenchmarkConfigError(f"{bundle_dir}: not a deploy bundle (no model.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BenchmarkConfigError(f"{meta_path}: not valid JSON ({exc})") from exc
+    for key in ("roi_size", "num_classes", "files"):
+        if key not in meta:
+            raise BenchmarkConfigError(f"{meta_path}: lacks {key!r}")
+    files = {Path(p).as_posix() for p in meta["files"]}
+    student = meta.get("student") or {}
+    arch = student.get("arch") if isinstance(student.get("arch"), dict) else student
+    arch_name = arch.get("name") if isinstance(arch, dict) else None
+    if torch_source is None:
+        ckpt = student.get("checkpoint")
+        if ckpt and Path(ckpt).is_file():
+            torch_source = {"kind": "student", "path": str(ckpt)}
+        elif arch_name:
+            torch_source = {"kind": "arch", "name": arch_name, "num_classes": int(meta["num_classes"])}
+
+    def pick(*candidates: str) -> str | None:
+        return next((str(bundle_dir / c) for c in candidates if c in files), None)
+
+    return ModelEntry(
+        name=name or arch_name or bundle_dir.name,
+        roi_size=[int(s) for s in meta["roi_size"]],
+        num_classes=int(meta["num_classes"]),
+        torch=torch_source,
+        onnx=pick("model.onnx"),
+        onnx_int8=pick("model_int8.onnx", "onnx/model_int8.onnx"),
+        openvino={k: v for k, v in {"fp32": pick("openvino/model_fp32.xml"), "int8": pick("openvino/model_int8.xml")}.items() if v},
+        bundle=str(bundle_dir),
+        preprocess=meta.get("preprocess"),
+        labels={int(k): v for k, v in (meta.get("labels") or {}).items()},
+        overlap=float(meta.get("overlap", 0.25)),
+    )
+
+
+def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tuple[str, str]]]:
+    """Models and held-out labelled cases of a pipeline run folder.
+
+    Looks for ``**/teacher.pt`` (teacher, eager), ``**/model.json`` (deploy bundles; their eager rows use
+    the ``student.pt`` of the same folder tree when the bundle records it) and ``data/data.json``
+    (validation split: the held-out cases every row is scored on).
+
+    Args:
+        run_dir: the run folder written by ``distill/run.py``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BenchmarkConfigError(f"{run_dir}: run folder not found")
+    entries: list[ModelEntry] = []
+    for teacher_pt in sorted(run_dir.glob("**/teacher.pt")):
+        entries.append(_teacher_entry(teacher_pt))
+    for meta_path in sorted(run_dir.glob("**/model.json")):
+        rel = meta_path.parent.relative_to(run_dir).as_posix()
+        entry = entry_from_bundle(meta_path.parent)
+        entry.name = rel.replace("/", ":") if entry.name == meta_path.parent.name else f"{entry.name}"
+        if any(e.name == entry.name for e in entries):
+            entry.name = rel.replace("/", ":")
+        entries.append(entry)
+    if not entries:
+        raise BenchmarkConfigError(f"{run_dir}: no teacher.pt and no deploy bundle (model.json) found")
+    cases: list[tuple[str, str]] = []
+    data_json = run_dir / "data" / "data.json"
+    if data_json.is_file():
+        payload = json.loads(data_json.read_text())
+        cases = [(c["image"], c["label"]) for c in payload.get("val", []) if c.get("label")]
+    return entries, cases
+
+
+def _teacher_entry(path: Path) -> ModelEntry:
+    import torch
+
+    meta = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("roi_size", "num_classes"):
+        if key not in meta:
+            raise BenchmarkConfigError(f"{path}: teacher checkpoint lacks {key!r}")
+    return ModelEntry(
+        name="teacher",
+        roi_size=[int(s) for s in meta["roi_size"]],
+        num_classes=int(meta["num_classes"]),
+        torch={"kind": "teacher", "path": str(path)},
+        preprocess=meta.get("preprocess"),
+        labels={int(k): v for k, v in (meta.get("labels") or {}).items()},
+    )
+
+
+def quick_entry(work_dir: str | Path, num_classes: int = 8, roi_size: Sequence[int] = (64, 64, 32)) -> ModelEntry:
+    """An untrained SwinUNETR-tiny exported with ``export.build_bundle`` into ``work_dir`` (no run needed).
+
+    Args:
+        work_dir: where the checkpoint and the bundle go.
+        num_classes: K of the untrained network.
+        roi_size: its patch size (multiples of 32).
+    """
+    try:
+        from export import build_bundle
+    except ImportError as exc:
+        raise BenchmarkConfigError(f"--quick without a run dir needs export/ (export.build_bundle): {exc}") from exc
+    from student import build_student, save_student
+
+    work_dir = Path(work_dir)
+    model = build_student("swinunetr_tiny", num_classes)
+    labels = {0: "background", **{i: f"class_{i}" for i in range(1, num_classes)}}
+    preprocess = {"spacing_mm": [4.0, 4.0, 4.0], "orientation": "RAS",
+                  "intensity": {"mode": "scale", "hu_min": -175.0, "hu_max": 250.0, "mean": None, "std": None}}
+    ckpt = save_student(work_dir / "student.pt", model, {
+        "arch": {"name": "swinunetr_tiny", "num_classes": num_classes, "in_channels": 1},
+        "roi_size": list(roi_size), "preprocess": preprocess, "labels": labels, "step": 0,
+    })
+    bundle = build_bundle(ckpt, work_dir / "bundle")
+    entry = entry_from_bundle(bundle, name="swinunetr_tiny (untrained)", torch_source={"kind": "student", "path": str(ckpt)})
+    return entry
+
+
+def plan_rows(entries: Sequence[ModelEntry], threads: Sequence[int], workloads: Sequence[str], bf16_native: bool) -> list[dict]:
+    """Every measurable (model, runtime, precision, threads, workload), in report order.
+
+    Rows that cannot run (no file for that runtime, no native bf16, no bundle for a deployed volume) are
+    left out here; ``skipped_rows`` says which and why.
+
+    Args:
+        entries: models.
+        threads: thread counts.
+        workloads: subset of ``WORKLOADS``.
+        bf16_native: the CPU has native bf16.
+    """
+    rows = []
+    for entry in entries:
+        d = entry.as_dict()
+        for workload in workloads:
+            for runtime in RUNTIMES:
+                for precision in PRECISIONS:
+                    if not available(d, runtime, precision, bf16_native):
+                        continue
+                    if workload == "volume" and runtime != "pytorch" and not entry.bundle:
+                        continue
+                    for t in threads:
+                        rows.append({"model": entry.name, "runtime": runtime, "precision": precision, "threads": int(t), "workload": workload})
+    return rows
+
+
+def skipped_rows(entries: Sequence[ModelEntry], bf16_native: bool) -> list[str]:
+    """Human-readable reasons for the model × runtime × precision combinations not measured."""
+    out = []
+    for entry in entries:
+        d = entry.as_dict()
+        for runtime in RUNTIMES:
+            for precision in PRECISIONS:
+                if available(d, runtime, precision, bf16_native):
+                    continue
+                if precision == "bf16" and not bf16_native:
+                    why = "the CPU has no native bf16"
+                elif runtime == "pytorch" and precision == "int8":
+                    continue  # eager INT8 is not a deployment path; not worth a line per model
+                elif runtime == "pytorch":
+                    why = "no eager model"
+                elif runtime == "onnxruntime" and precision == "bf16":
+                    continue  # ORT's CPU provider has no bf16 path
+                else:
+                    why = f"export wrote no {precision} model for {runtime}"
+                out.append(f"{entry.name} {runtime} {precision}: {why}")
+    return out
+
+
+def run_benchmarks(
+    entries: Sequence[ModelEntry] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    bundles: Sequence[str | Path] = (),
+    out_dir: str | Path = "runs/bench",
+    threads: Sequence[int] = (2,),
+    workloads: Sequence[str] = WORKLOADS,
+    quick: bool = False,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    volume_path: str | Path | None = None,
+    dice_cases: Sequence[tuple[str, str]] | None = None,
+    max_dice_cases: int | None = None,
+    nsd_tolerance_mm: float = 2.0,
+    cross_check: bool = True,
+    log_mlflow: bool = True,
+    peak_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure every row, write the report and return it.
+
+    Args:
+        entries: models to benchmark; else taken from ``run_dir`` and ``bundles``; with none of the three,
+            an untrained SwinUNETR-tiny is exported to a temporary bundle (Dice then empty).
+        run_dir: pipeline run folder (teacher, bundles, validation split).
+        bundles: deploy bundle folders.
+        out_dir: report folder.
+        threads: thread counts, each measured for every row.
+        workloads: ``patch`` and/or ``volume``.
+        quick: few repeats and a small volume (a few minutes on 2 cores).
+        warmup, repeats: untimed/timed calls per row (defaults: quick 1/3 patch, 1/2 volume; else 3/20, 1/5).
+        volume_path: CT volume for the volume workload; else a phantom from ``data.phantom`` is written.
+        dice_cases: ``(image, label)`` held-out cases; defaults to the run dir's validation split.
+        max_dice_cases: use at most this many held-out cases (the same ones for every row).
+        nsd_tolerance_mm: NSD tolerance passed to the metrics (Dice does not depend on it).
+        cross_check: run ``benchmark_app`` on one OpenVINO patch row.
+        log_mlflow: log to the active MLflow run, if any.
+        peak_size: GEMM matrix side (default 1024 quick, 2048 otherwise).
+        progress: print one line per row.
+
+    Returns:
+        ``{"rows", "peaks", "machine", "cross_checks", "notes", "files": {name: path}}``.
+    """
+    threads = [int(t) for t in threads]
+    if not threads or any(t < 1 for t in threads):
+        raise BenchmarkConfigError(f"threads must be positive integers, got {threads}")
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise BenchmarkConfigError(f"unknown workloads {bad}; known: {WORKLOADS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_work_") as tmp:
+        tmp = Path(tmp)
+        entries = list(entries or [])
+        if run_dir is not None:
+            found, run_cases = entries_from_run_dir(run_dir)
+            entries += found
+            if dice_cases is None:
+                dice_cases = run_cases
+        entries += [entry_from_bundle(b) for b in bundles]
+        if not entries:
+            entries = [quick_entry(tmp / "quick")]
+            notes.append("No run dir or bundle given: an untrained SwinUNETR-tiny was exported to a temporary "
+                         "bundle; its Dice is not measured (empty), its latencies are valid.")
+        dice_cases = [tuple(map(str, c)) for c in (dice_cases or [])]
+        if max_dice_cases is not None:
+            dice_cases = dice_cases[: int(max_dice_cases)]
+        if not dice_cases:
+            notes.append("Dice is empty: no labelled held-out cases were given (a run dir's validation split).")
+        else:
+            notes.append(f"Dice: mean foreground Dice over the same {len(dice_cases)} held-out case(s) for every row "
+                         f"(whole-volume path, original grid); identical across thread counts and workloads of a row.")
+            untrained = [e.name for e in entries if (e.torch or {}).get("kind") == "arch"]
+            if untrained:
+                notes.append(f"Eager rows of {untrained} use random weights (no checkpoint recorded): Dice not scored for them.")
+
+        bf16_native = cpu_supports_bf16()
+        _count_gflops(entries)
+        peak_size = peak_size or (1024 if quick else 2048)
+        peaks = measure_peaks(threads, size=peak_size, min_time_s=0.3 if quick else 1.0)
+        if progress:
+            for p in peaks.values():
+                print(f"[bench] GEMM peak {p.precision} t{p.threads}: {p.gflops:.1f} GFLOP/s")
+
+        volume_info: dict[str, Any] = {}
+        if "volume" in workloads:
+            volume_path, volume_info = _volume(volume_path, tmp, quick)
+        warm_p, rep_p = (1, 3) if quick else (3, 20)
+        warm_v, rep_v = (1, 2) if quick else (1, 5)
+        if warmup is not None:
+            warm_p = warm_v = int(warmup)
+        if repeats is not None:
+            rep_p = rep_v = int(repeats)
+
+        by_name = {e.name: e for e in entries}
+        dice_done: dict[tuple[str, str, str], float | None] = {}
+        rows: list[dict] = []
+        for plan in plan_rows(entries, threads, workloads, bf16_native):
+            entry = by_name[plan["model"]]
+            spec: dict[str, Any] = {**plan, "entry": entry.as_dict()}
+            if plan["workload"] == "patch":
+                spec.update(roi_size=entry.roi_size, batch=1, warmup=warm_p, repeats=rep_p)
+            else:
+                spec.update(volume_path=str(volume_path), bundle=entry.bundle, warmup=warm_v, repeats=rep_v)
+                key = (plan["model"], plan["runtime"], plan["precision"])
+                scorable = dice_cases and (entry.torch or {}).get("kind") != "arch" if plan["runtime"] == "pytorch" else dice_cases
+                if scorable and key not in dice_done:
+                    spec.update(dice_cases=[list(c) for c in dice_cases], labels=entry.labels or {},
+                                nsd_tolerance_mm=nsd_tolerance_mm)
+            try:
+                result = run_module_in_subprocess("benchmarks.row", spec, plan["threads"])
+            except MeasureError as exc:
+                notes.append(f"FAILED {plan['model']} {plan['runtime']} {plan['precision']} t{plan['threads']} "
+                             f"{plan['workload']}: {str(exc).splitlines()[-1][:300]}")
+                if progress:
+                    print(f"[bench] {notes[-1]}")
+                continue
+            if "dice" in result:
+                dice_done[(plan["model"], plan["runtime"], plan["precision"])] = result["dice"]
+            rows.append(_row(plan, entry, result, volume_info))
+            if progress:
+                r = rows[-1]
+                print(f"[bench] {r['model']} {r['runtime']} {r['precision']} t{r['threads']} {r['workload']}: "
+                      f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB")
+        for r in rows:
+            r["dice"] = dice_done.get((r["model"], r["runtime"], r["precision"]))
+        _ratios(rows, {k: v for k, v in ((k, p.gflops) for k, p in peaks.items())})
+
+        cross_checks = _cross_check(rows, entries, notes) if cross_check else []
+    notes += skipped_rows(entries, bf16_native)
+    notes.append(f"Benchmark wall time: {time.perf_counter() - started:.0f} s.")
+    workload_text = {"patch": "one ROI patch (batch 1, random input in [0, 1]); throughput in patches/s"}
+    if "volume" in workloads:
+        workload_text["volume"] = (
+            f"one CT volume end to end (load, preprocess, sliding window, postprocess, save): {volume_info['description']}; "
+            "throughput in volumes/min; GFLOPs = per-patch GFLOPs × windows")
+    machine = report.machine_info()
+    peak_dicts = [p.as_dict() for p in peaks.values()]
+    files = {
+        "csv": report.write_csv(rows, out_dir / "benchmark.csv"),
+        "markdown": report.write_markdown(rows, out_dir / "report.md", machine, peak_dicts, workload_text, cross_checks, notes),
+        "machine": report.write_machine_json(out_dir / "machine.json", machine, peak_dicts,
+                                             {"volume": volume_info, "cross_checks": cross_checks}),
+    }
+    for workload in workloads:
+        if any(r["workload"] == workload for r in rows):
+            files[f"latency_{workload}"] = report.plot_latency(rows, out_dir / f"latency_{workload}.png", workload)
+            files[f"dice_vs_latency_{workload}"] = report.plot_dice_vs_latency(rows, out_dir / f"dice_vs_latency_{workload}.png", workload)
+    if log_mlflow:
+        report.log_to_mlflow(out_dir, rows)
+    return {"rows": rows, "peaks": peak_dicts, "machine": machine, "cross_checks": cross_checks, "notes": notes,
+            "files": {k: str(v) for k, v in files.items()}}
+
+
+def config_kwargs(section: dict) -> dict[str, Any]:
+    """``run_benchmarks`` keyword arguments from a config's ``benchmark:`` section.
+
+    Args:
+        section: e.g. ``cfg["benchmark"]`` of configs/demo.yaml (``enabled`` is the caller's business).
+    """
+    known = {"enabled", "quick", "threads", "workloads", "max_dice_cases", "cross_check", "volume"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise BenchmarkConfigError(f"benchmark section: unknown keys {unknown}; known: {sorted(known)}")
+    return {
+        "quick": bool(section.get("quick", False)),
+        "threads": [int(t) for t in section.get("threads", [2])],
+        "workloads": list(section.get("workloads", WORKLOADS)),
+        "max_dice_cases": section.get("max_dice_cases"),
+        "cross_check": bool(section.get("cross_check", True)),
+        "volume_path": section.get("volume"),
+    }
+
+
+def _count_gflops(entries: Sequence[ModelEntry]) -> None:
+    """Fill ``gflops`` (one patch) and ``param_mb`` from the eager model where one exists."""
+    from benchmarks.runtimes import load_torch_model
+    from student import describe
+
+    for entry in entries:
+        if entry.torch is None or (entry.gflops is not None and entry.param_mb is not None):
+            continue
+        model, _ = load_torch_model(entry.torch)
+        if entry.gflops is None:
+            entry.gflops = describe(model, entry.roi_size)["gflops"]
+        if entry.param_mb is None:
+            state = model.state_dict().values()
+            entry.param_mb = sum(t.numel() * t.element_size() for t in state) / 1e6
+
+
+def _volume(volume_path: str | Path | None, tmp: Path, quick: bool) -> tuple[Path, dict]:
+    """The volume of the volume workload, and its description (shape, spacing)."""
+    import nibabel as nib
+
+    if volume_path is None:
+        from data.phantom import write_dataset
+
+        size = (96, 96, 48) if quick else (192, 160, 96)
+        root = write_dataset(tmp / "volume", cases=1, test_cases=0, seed=0, size=size) or (tmp / "volume")
+        candidates = sorted(Path(root).glob("imagesTr/*.nii*"))
+        if not candidates:
+            raise BenchmarkConfigError(f"{root}: data.phantom.write_dataset wrote no imagesTr volume")
+        volume_path = candidates[0]
+        source = "synthetic phantom (data.phantom)"
+    else:
+        source = str(volume_path)
+    img = nib.load(str(volume_path))
+    shape = [int(s) for s in img.shape[:3]]
+    spacing = [round(float(s), 3) for s in img.header.get_zooms()[:3]]
+    info = {"path": str(volume_path), "shape": shape, "spacing_mm": spacing, "source": source,
+            "description": f"{source}, {shape[0]}×{shape[1]}×{shape[2]} voxels at {spacing} mm"}
+    return Path(volume_path), info
+
+
+def _row(plan: dict, entry: ModelEntry, result: dict, volume_info: dict) -> dict:
+    timing = result["timing"]
+    files = model_files(entry.as_dict(), plan["runtime"], plan["precision"])
+    size_mb = sum(f.stat().st_size for f in files if f.is_file()) / 1e6 if files else entry.param_mb
+    gflops = entry.gflops
+    if plan["workload"] == "patch":
+        throughput, unit, shape = 1000.0 / timing["p50_ms"], "patches/s", "1x1x" + "x".join(map(str, entry.roi_size))
+    else:
+        throughput, unit = 60000.0 / timing["p50_ms"], "volumes/min"
+        shape = "x".join(map(str, volume_info["shape"]))
+        if gflops is not None and entry.preprocess:
+            grid = resampled_shape(volume_info["shape"], volume_info["spacing_mm"], entry.preprocess["spacing_mm"])
+            gflops = gflops * sliding_window_count(grid, entry.roi_size, entry.overlap)
+    return {
+        **plan,
+        "p50_ms": timing["p50_ms"], "p95_ms": timing["p95_ms"], "throughput": throughput,
+        "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_mb, "gflops": gflops,
+        "pct_of_peak": None, "speedup_vs_eager": None, "dice": None,
+        "throughput_unit": unit, "base_rss_mb": result["base_rss_mb"], "runs": timing["runs"],
+        "input_shape": shape, "note": f"load {result['load_ms']:.0f} ms",
+    }
+
+
+def _ratios(rows: list[dict], peaks: dict[tuple[str, int], float]) -> None:
+    """Fill ``pct_of_peak`` and ``speedup_vs_eager`` in place."""
+    eager = {(r["model"], r["threads"], r["workload"]): r["p50_ms"] for r in rows
+             if r["runtime"] == "pytorch" and r["precision"] == "fp32"}
+    for r in rows:
+        # INT8 has no GEMM peak of its own here; it is read against the FP32 ceiling (stated in the report).
+        peak = peaks.get(("bf16" if r["precision"] == "bf16" else "fp32", r["threads"]))
+        if r["gflops"] is not None and peak:
+            r["pct_of_peak"] = 100.0 * r["gflops"] / (r["p50_ms"] / 1000.0) / peak
+        base = eager.get((r["model"], r["threads"], r["workload"]))
+        r["speedup_vs_eager"] = base / r["p50_ms"] if base else None
+
+
+def _cross_check(rows: list[dict], entries: Sequence[ModelEntry], notes: list[str]) -> list[dict]:
+    """``benchmark_app`` on the first OpenVINO FP32 patch row."""
+    row = next((r for r in rows if r["runtime"] == "openvino" and r["precision"] == "fp32" and r["workload"] == "patch"), None)
+    if row is None:
+        return []
+    entry = next(e for e in entries if e.name == row["model"])
+    model_path = model_files(entry.as_dict(), "openvino", "fp32")[0]
+    try:
+        figures = run_benchmark_app(model_path, [1, 1, *entry.roi_size], row["threads"], "fp32", niter=max(10, row["runs"]))
+    except CrossCheckError as exc:
+        notes.append(f"benchmark_app cross-check failed: {str(exc).splitlines()[0]}")
+        return []
+    return [{"model": row["model"], "precision": "fp32", "threads": row["threads"], "harness_p50_ms": row["p50_ms"], **figures}]
+
+
+def _parse_threads(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise BenchmarkConfigError(f"--threads {text!r}: expected comma-separated integers like 1,2") from exc
+    if not values or any(v < 1 for v in values):
+        raise BenchmarkConfigError(f"--threads {text!r}: expected positive integers")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, small volume (minutes on 2 cores)")
+    parser.add_argument("--run-dir", help="pipeline run folder (teacher, bundles, validation split)")
+    parser.add_argument("--bundle", action="append", default=[], help="deploy bundle folder (repeatable)")
+    parser.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
+    parser.add_argument("--workloads", default="patch,volume", help="patch,volume")
+    parser.add_argument("--volume", help="NIfTI volume for the volume workload (default: a phantom)")
+    parser.add_argument("--max-dice-cases", type=int, default=None, help="score at most this many held-out cases")
+    parser.add_argument("--no-cross-check", action="store_true", help="skip the benchmark_app cross-check")
+    parser.add_argument("--out", default="runs/bench", help="report folder")
+    args = parser.parse_args(argv)
+    try:
+        result = run_benchmarks(
+            run_dir=args.run_dir, bundles=args.bundle, out_dir=args.out, threads=_parse_threads(args.threads),
+            workloads=[w.strip() for w in args.workloads.split(",") if w.strip()], quick=args.quick,
+            volume_path=args.volume, max_dice_cases=args.max_dice_cases, cross_check=not args.no_cross_check,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[bench] {len(result['rows'])} rows → {result['files']['markdown']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
