@@ -1,0 +1,173 @@
+"""Foreground intensity statistics of the training cases, and the preprocessing spec built from them.
+
+As in nnU-Net's CT normalisation, the statistics are taken over foreground (label > 0) voxels only: the
+0.5 / 99.5 percentiles give the clipping window and the mean / std the z-score. Percentiles come from a
+bounded random sample of voxels per case (memory stays bounded on large datasets); mean and std are exact.
+Results are cached as JSON keyed by the case list and the files' sizes and modification times.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from configs import config_hash
+from data.atomic import write_json_atomic
+from data.checks import DataError, load_header, read_array
+from data.dataset import CTDataset
+
+STATS_VERSION = 1
+
+
+def ras_spacing(affine: np.ndarray, zooms: Sequence[float]) -> list[float]:
+    """Voxel spacing in RAS axis order (x, y, z) for an image whose voxel axes may be permuted/flipped.
+
+    Args:
+        affine: 4x4 voxel-to-world matrix.
+        zooms: voxel sizes in file axis order.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = [0.0, 0.0, 0.0]
+    for axis, (world_axis, _) in enumerate(ornt[:3]):
+        spacing[int(world_axis)] = float(zooms[axis])
+    return spacing
+
+
+def _cache_key(dataset: CTDataset, case_ids: Sequence[str], samples_per_case: int) -> str:
+    items = dataset.items(sorted(case_ids))
+    files = []
+    for item in items:
+        for k in ("image", "label"):
+            st = Path(item[k]).stat() if Path(item[k]).exists() else None
+            files.append([item[k], st.st_size if st else None, st.st_mtime_ns if st else None])
+    return config_hash({"version": STATS_VERSION, "cases": sorted(case_ids), "files": files,
+                        "samples_per_case": samples_per_case})
+
+
+def compute_intensity_stats(dataset: CTDataset, case_ids: Sequence[str], cache_path: str | Path | None,
+                            max_samples: int = 1_000_000, seed: int = 0) -> dict:
+    """Foreground intensity statistics and median spacing over ``case_ids``.
+
+    Args:
+        dataset: the dataset.
+        case_ids: training cases to use (never validation cases, or the window leaks).
+        cache_path: JSON cache; reused when its key (case list, file sizes/times) matches. None disables it.
+        max_samples: total foreground voxels sampled for the percentiles (split evenly over cases).
+        seed: sampling seed.
+
+    Returns:
+        ``{"p0.5", "p99.5", "mean", "std", "min", "max", "median_spacing_mm": [x, y, z] (RAS order),
+        "foreground_voxels", "sampled_voxels", "num_cases", "case_ids", "key"}``.
+
+    Raises:
+        DataError: no case ids, unreadable files, or no foreground voxel at all.
+    """
+    if not case_ids:
+        raise DataError(f"{dataset.root}: intensity statistics need at least one case")
+    per_case = max(1, int(math.ceil(max_samples / len(case_ids))))
+    key = _cache_key(dataset, case_ids, per_case)
+    if cache_path is not None and Path(cache_path).is_file():
+        try:
+            cached = json.loads(Path(cache_path).read_text())
+        except json.JSONDecodeError:
+            cached = None
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached
+    rng = np.random.default_rng(seed)
+    samples = []
+    total, total_sum, total_sq = 0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    spacings = []
+    for item in dataset.items(sorted(case_ids)):
+        image = load_header(item["image"])
+        label = load_header(item["label"])
+        spacings.append(ras_spacing(image.affine, image.header.get_zooms()[:3]))
+        values = read_array(image, item["image"])[read_array(label, item["label"], dtype=np.float32) > 0]
+        if values.size == 0:
+            continue
+        values = values.astype(np.float64)
+        total += values.size
+        total_sum += float(values.sum())
+        total_sq += float(np.square(values).sum())
+        lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+        if values.size > per_case:
+            values = values[rng.choice(values.size, per_case, replace=False)]
+        samples.append(values)
+    if total == 0:
+        raise DataError(f"{dataset.root}: no foreground voxels in cases {list(case_ids)[:5]}")
+    sampled = np.concatenate(samples)
+    mean = total_sum / total
+    std = math.sqrt(max(total_sq / total - mean * mean, 0.0))
+    stats = {
+        "p0.5": float(np.percentile(sampled, 0.5)),
+        "p99.5": float(np.percentile(sampled, 99.5)),
+        "mean": mean,
+        "std": std,
+        "min": lo,
+        "max": hi,
+        "median_spacing_mm": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
+        "foreground_voxels": int(total),
+        "sampled_voxels": int(sampled.size),
+        "num_cases": len(case_ids),
+        "case_ids": sorted(case_ids),
+        "key": key,
+    }
+    if cache_path is not None:
+        write_json_atomic(cache_path, stats)
+    return stats
+
+
+def preprocess_spec(cfg_preprocess: dict, stats: dict | None = None) -> dict:
+    """Build the preprocessing spec of docs/interfaces.md from a config's ``preprocess`` section.
+
+    Args:
+        cfg_preprocess: ``{"spacing_mm": [x, y, z] | "median" | null, "orientation": "RAS",
+            "intensity": "window" | "percentile", "hu_window": [min, max]}``.
+        stats: from ``compute_intensity_stats``; required for ``intensity: percentile`` and for a median
+            spacing.
+
+    Returns:
+        ``{"spacing_mm": [...], "orientation": "RAS", "intensity": {"mode", "hu_min", "hu_max", "mean", "std"}}``.
+
+    Raises:
+        DataError: invalid or missing keys, naming the key and value.
+    """
+    orientation = cfg_preprocess.get("orientation", "RAS")
+    if orientation != "RAS":
+        raise DataError(f"preprocess.orientation: only 'RAS' is supported, got {orientation!r}")
+    spacing = cfg_preprocess.get("spacing_mm")
+    if spacing in (None, "median"):
+        if stats is None:
+            raise DataError("preprocess.spacing_mm: 'median' needs intensity statistics (median_spacing_mm)")
+        spacing = stats["median_spacing_mm"]
+    try:
+        spacing = [float(v) for v in spacing]
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"preprocess.spacing_mm: expected three numbers, got {spacing!r}") from exc
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise DataError(f"preprocess.spacing_mm: expected three positive numbers, got {spacing!r}")
+    mode = cfg_preprocess.get("intensity", "window")
+    if mode == "window":
+        window = cfg_preprocess.get("hu_window")
+        try:
+            hu_min, hu_max = (float(v) for v in window)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"preprocess.hu_window: expected [min, max], got {window!r}") from exc
+        intensity = {"mode": "scale", "hu_min": hu_min, "hu_max": hu_max, "mean": None, "std": None}
+    elif mode == "percentile":
+        if stats is None:
+            raise DataError("preprocess.intensity: 'percentile' needs intensity statistics of the training cases")
+        intensity = {"mode": "zscore", "hu_min": float(stats["p0.5"]), "hu_max": float(stats["p99.5"]),
+                     "mean": float(stats["mean"]), "std": float(stats["std"])}
+        if not intensity["std"] > 0:
+            raise DataError(f"intensity statistics: foreground std must be > 0, got {intensity['std']}")
+    else:
+        raise DataError(f"preprocess.intensity: expected 'window' or 'percentile', got {mode!r}")
+    if not intensity["hu_min"] < intensity["hu_max"]:
+        raise DataError(f"preprocess intensity window must have min < max, got "
+                        f"[{intensity['hu_min']}, {intensity['hu_max']}]")
+    return {"spacing_mm": spacing, "orientation": "RAS", "intensity": intensity}

@@ -1,0 +1,206 @@
+"""MONAI transform chains: deterministic loading/preprocessing (cached) and random training crops.
+
+``load_transforms`` implements the preprocessing spec of docs/interfaces.md: channel-first, RAS, resampled
+to ``spacing_mm`` (image trilinear, label nearest), intensity clipped and scaled or z-scored. It then
+crops to the body (voxels above air) so that training crops do not land in the air around the patient.
+The crop happens on raw HU, before the intensity transform: after a narrow window, fat and air can both
+be clipped to the same value.
+
+``random_crop_transforms`` samples ``num_samples`` ROI crops per case. Extra image-like keys (e.g.
+``"teacher"``: cached teacher logits ``K x X x Y x Z`` aligned with the output of ``load_transforms``) get
+exactly the same crops, flips and rotations as the image and label.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import (
+    ClassesToIndicesd,
+    Compose,
+    CropForegroundd,
+    DeleteItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from data.checks import DataError
+
+# Voxels above this HU belong to the patient (air is about -1000 HU, lung about -850, fat about -100).
+BODY_THRESHOLD_HU = -500.0
+
+
+def _above_air(x):
+    return x > BODY_THRESHOLD_HU
+
+
+def intensity_transforms(spec: dict, key: str = "image") -> list:
+    """The intensity part of a preprocessing spec as MONAI transforms.
+
+    Args:
+        spec: preprocessing spec (``spec["intensity"]`` with mode ``"scale"`` or ``"zscore"``).
+        key: image key.
+    """
+    try:
+        intensity = spec["intensity"]
+        mode, lo, hi = intensity["mode"], float(intensity["hu_min"]), float(intensity["hu_max"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"preprocess spec: invalid 'intensity' section {spec.get('intensity')!r}") from exc
+    if mode == "scale":
+        return [ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    if mode == "zscore":
+        mean, std = intensity.get("mean"), intensity.get("std")
+        if mean is None or std is None or not float(std) > 0:
+            raise DataError(f"preprocess spec: zscore needs mean and std > 0, got mean={mean!r} std={std!r}")
+        # Identity range mapping with clip = clipping to the window.
+        return [ScaleIntensityRanged(keys=key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+                NormalizeIntensityd(keys=key, subtrahend=float(mean), divisor=float(std))]
+    raise DataError(f"preprocess spec: intensity mode must be 'scale' or 'zscore', got {mode!r}")
+
+
+def load_transforms(spec: dict, keys: Sequence[str] = ("image", "label"), crop_margin: int = 4) -> Compose:
+    """Deterministic loading and preprocessing; this is what dataset caches hold.
+
+    Args:
+        spec: preprocessing spec (``spacing_mm``, ``orientation``, ``intensity``).
+        keys: file keys to load; the first is the image, a second (if any) is the label.
+        crop_margin: voxels kept around the body when cropping.
+
+    Returns:
+        A Compose mapping ``{"image": path, "label": path}`` to ``image: 1 x X x Y x Z`` float32 (intensity
+        per spec) and ``label: 1 x X x Y x Z`` (class ids), both RAS at ``spacing_mm`` and cropped to the body.
+    """
+    keys = list(keys)
+    if not keys:
+        raise DataError("load_transforms: keys must name at least the image key")
+    spacing = spec.get("spacing_mm")
+    if spacing is None or len(spacing) != 3 or min(float(v) for v in spacing) <= 0:
+        raise DataError(f"preprocess spec: spacing_mm must be three positive numbers, got {spacing!r}")
+    if spec.get("orientation", "RAS") != "RAS":
+        raise DataError(f"preprocess spec: orientation must be 'RAS', got {spec.get('orientation')!r}")
+    image_key = keys[0]
+    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
+    return Compose([
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS", labels=None),
+        Spacingd(keys=keys, pixdim=[float(v) for v in spacing], mode=modes, dtype=np.float32),
+        CropForegroundd(keys=keys, source_key=image_key, select_fn=_above_air, margin=crop_margin,
+                        allow_smaller=True),
+        *intensity_transforms(spec, image_key),
+        EnsureTyped(keys=keys, dtype=np.float32),
+    ])
+
+
+def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequence[str] = ("image", "label"),
+                           extra_keys: Sequence[str] = (), num_samples: int = 2,
+                           class_balanced: bool = True) -> Compose:
+    """Random ROI crops with flips and axial 90-degree rotations, identical for all keys.
+
+    Args:
+        roi_size: crop size [X, Y, Z].
+        num_classes: K including background (for class-balanced sampling).
+        keys: image and label keys; the label key is the second.
+        extra_keys: further image-like keys (``C x X x Y x Z``, aligned with the image) cropped and flipped
+            exactly like the image, e.g. cached teacher logits.
+        num_samples: crops per case (the transform returns a list of that many dicts).
+        class_balanced: sample crop centres equally over classes (small organs such as the pancreas get
+            seen); False samples foreground and background centres 1:1.
+
+    Returns:
+        A Compose producing a list of ``num_samples`` dicts with tensors of spatial size ``roi_size``.
+    """
+    keys = list(keys)
+    if len(keys) < 2:
+        raise DataError(f"random_crop_transforms: keys must be (image, label), got {keys}")
+    roi = [int(v) for v in roi_size]
+    if len(roi) != 3 or min(roi) < 1:
+        raise DataError(f"roi_size must be three positive integers, got {roi_size!r}")
+    image_key, label_key = keys[0], keys[1]
+    all_keys = keys + list(extra_keys)
+    if class_balanced:
+        # Indices per class are computed once (cached with the deterministic part), not per sample.
+        sampling = [
+            ClassesToIndicesd(keys=label_key, num_classes=num_classes, max_samples_per_class=100_000),
+            RandCropByLabelClassesd(keys=all_keys, label_key=label_key, spatial_size=roi, num_classes=num_classes,
+                                    num_samples=num_samples, indices_key=f"{label_key}_cls_indices", warn=False),
+            DeleteItemsd(keys=f"{label_key}_cls_indices"),
+        ]
+    else:
+        sampling = [RandCropByPosNegLabeld(keys=all_keys, label_key=label_key, spatial_size=roi, pos=1, neg=1,
+                                           num_samples=num_samples, image_key=image_key)]
+    return Compose([
+        SpatialPadd(keys=all_keys, spatial_size=roi),
+        *sampling,
+        RandFlipd(keys=all_keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys=all_keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys=all_keys, prob=0.5, spatial_axis=2),
+        RandRotate90d(keys=all_keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
+        EnsureTyped(keys=all_keys, dtype=np.float32),
+    ])
+
+
+def train_transforms(spec: dict, roi_size: Sequence[int], num_classes: int, extra_keys: Sequence[str] = (),
+                     num_samples: int = 2, class_balanced: bool = True) -> Compose:
+    """Loading (deterministic, cacheable) followed by random crops; extra keys are not loaded from files.
+
+    Args:
+        spec: preprocessing spec.
+        roi_size: crop size [X, Y, Z].
+        num_classes: K including background.
+        extra_keys: keys already holding arrays aligned with ``load_transforms`` output (e.g. ``"teacher"``).
+        num_samples: crops per case.
+        class_balanced: see ``random_crop_transforms``.
+    """
+    return Compose([
+        *load_transforms(spec).transforms,
+        *random_crop_transforms(roi_size, num_classes, extra_keys=extra_keys, num_samples=num_samples,
+                                class_balanced=class_balanced).transforms,
+    ])
+
+
+def val_transforms(spec: dict, keys: Sequence[str] = ("image", "label")) -> Compose:
+    """Validation/inference preprocessing: ``load_transforms`` (whole volumes, no random crops).
+
+    Args:
+        spec: preprocessing spec.
+        keys: ``("image", "label")``, or ``("image",)`` for unlabelled cases.
+    """
+    return load_transforms(spec, keys)
+
+
+def make_dataset(items: Sequence[dict], transforms, cache: str | None = "memory",
+                 cache_dir: str | Path | None = None, num_workers: int = 0):
+    """Wrap data dicts in a MONAI dataset, caching the deterministic prefix of ``transforms``.
+
+    Args:
+        items: data dicts, e.g. ``CTDataset.items(split["train"])``.
+        transforms: a Compose (e.g. ``train_transforms(...)``).
+        cache: ``"memory"`` (CacheDataset), ``"persistent"`` (PersistentDataset on disk in ``cache_dir``)
+            or None (no caching).
+        cache_dir: folder for the persistent cache.
+        num_workers: threads used to fill the memory cache.
+    """
+    if cache == "memory":
+        return CacheDataset(data=list(items), transform=transforms, cache_rate=1.0, num_workers=num_workers,
+                            progress=False)
+    if cache == "persistent":
+        if cache_dir is None:
+            raise DataError("make_dataset: cache='persistent' needs cache_dir")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(data=list(items), transform=transforms, cache_dir=cache_dir)
+    if cache is None:
+        return Dataset(data=list(items), transform=transforms)
+    raise DataError(f"make_dataset: cache must be 'memory', 'persistent' or None, got {cache!r}")
