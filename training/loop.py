@@ -1,0 +1,501 @@
+"""The training loop shared by teacher training and student distillation.
+
+A stage script builds a model, an endless stream of batches and a loss, then calls :func:`fit`::
+
+    settings = TrainSettings.from_config(cfg["teacher"], seed=cfg["run"]["seed"])
+    result = fit(model, loss_fn, batches, settings, out_dir, val_fn=val_fn,
+                 extra_meta={"labels": labels, "preprocess": spec, "config": cfg}, tracker=tracker)
+
+``fit`` trains by steps, validates every ``val_every`` steps and at the end, writes ``last.pt`` after each
+validation and ``best.pt`` when the validation Dice improves, and resumes from ``last.pt`` when it finds
+one. Under ``torchrun`` it wraps the model in DDP, seeds each rank's data with ``seed + rank``, validates
+and writes on rank 0 only, and shares rank 0's metrics with every rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.checkpoint import check_compatible, load_checkpoint, restore_training_state, save_checkpoint
+from training.distributed import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    rank_seed,
+    unwrap_model,
+    wrap_model,
+)
+from training.rng import capture_rng_state, restore_rng_state, seed_everything
+from training.schedule import SCHEDULES, build_optimizer, build_scheduler, trainable_parameters
+
+if TYPE_CHECKING:
+    from training.tracking import Tracker
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float]]"]
+ValFn = Callable[[nn.Module], Mapping[str, float]]
+AMP_MODES = (True, False, "bf16", "fp16")
+
+
+class TrainSettingsError(ValueError):
+    """A training setting with an unusable value; the message names the key."""
+
+
+@dataclass
+class TrainSettings:
+    """What :func:`fit` needs from a config section (``teacher:`` or ``distill:``).
+
+    Args:
+        steps: optimizer steps of the whole run.
+        lr: peak learning rate (after warm-up).
+        weight_decay: AdamW decoupled decay (not applied to norms, biases, embeddings).
+        warmup_steps: linear warm-up length.
+        schedule: ``constant``, ``poly`` or ``cosine`` after warm-up.
+        poly_power: exponent of the poly decay.
+        grad_clip: max global gradient norm; 0 or None disables clipping.
+        val_every: validate (and checkpoint) every this many steps; 0 = only at the end.
+        amp: mixed precision on CUDA: True (bf16 where supported, else fp16), ``"bf16"``, ``"fp16"``, False.
+            Ignored on CPU.
+        log_every: steps between training-metric records in the tracker.
+        seed: base seed; rank ``r`` seeds its data with ``seed + r``.
+        progress: show a tqdm bar on rank 0.
+    """
+
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    poly_power: float = 0.9
+    grad_clip: float | None = 1.0
+    val_every: int = 0
+    amp: bool | str = True
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.steps = _as_int("steps", self.steps, minimum=1)
+        self.lr = _as_float("lr", self.lr)
+        if self.lr <= 0:
+            raise TrainSettingsError(f"lr must be > 0, got {self.lr}")
+        self.weight_decay = _as_float("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise TrainSettingsError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        self.warmup_steps = _as_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.schedule not in SCHEDULES:
+            raise TrainSettingsError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        self.poly_power = _as_float("poly_power", self.poly_power)
+        if self.grad_clip is not None:
+            self.grad_clip = _as_float("grad_clip", self.grad_clip)
+            if self.grad_clip < 0:
+                raise TrainSettingsError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        self.val_every = _as_int("val_every", self.val_every, minimum=0)
+        if not any(self.amp is mode or (isinstance(mode, str) and self.amp == mode) for mode in AMP_MODES):
+            raise TrainSettingsError(f"amp must be one of true, false, 'bf16', 'fp16'; got {self.amp!r}")
+        self.log_every = _as_int("log_every", self.log_every, minimum=1)
+        self.seed = _as_int("seed", self.seed, minimum=0)
+        self.progress = bool(self.progress)
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
+        """Pick the known keys from a config section (other keys, e.g. ``roi_size``, are ignored).
+
+        Args:
+            section: e.g. ``cfg["teacher"]``.
+            **overrides: values that win over the section, e.g. ``seed=cfg["run"]["seed"]``.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TrainSettingsError(f"unknown training settings {unknown}; known: {sorted(names)}")
+        values = {k: v for k, v in section.items() if k in names}
+        values.update(overrides)
+        for required in ("steps", "lr"):
+            if required not in values:
+                raise TrainSettingsError(f"config section has no {required!r} (keys: {sorted(section)})")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TrainSettingsError(f"{name} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+    except (TypeError, ValueError) as exc:
+        raise TrainSettingsError(f"{name} must be an integer, got {value!r}") from exc
+    if out != float(value) or out < minimum:
+        raise TrainSettingsError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return out
+
+
+def _as_float(name: str, value: Any) -> float:
+    # PyYAML reads "1e-3" (no dot) as a string; accept it rather than fail on a YAML 1.1 quirk.
+    if isinstance(value, bool):
+        raise TrainSettingsError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TrainSettingsError(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(out):
+        raise TrainSettingsError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+@dataclass
+class FitResult:
+    """What a finished (or already finished) :func:`fit` reports.
+
+    Attributes:
+        best_metric: best validation Dice, None without validation.
+        best_step: step of ``best_metric``.
+        last_step: steps trained in total.
+        history: one dict per validation: ``step``, ``train_loss`` (mean since the previous one), metrics.
+        best_path: ``out_dir/best.pt`` if written.
+        last_path: ``out_dir/last.pt``.
+        wall_s: wall time of the whole run, across resumptions.
+        s_per_step: mean time of a training step (validation and checkpointing excluded).
+        resumed_from: the step it resumed at, None for a fresh start.
+    """
+
+    best_metric: float | None
+    best_step: int | None
+    last_step: int
+    history: list[dict[str, float]]
+    best_path: Path | None
+    last_path: Path
+    wall_s: float
+    s_per_step: float | None
+    resumed_from: int | None = None
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    cfg: TrainSettings,
+    out_dir: str | Path,
+    val_fn: ValFn | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
+    tracker: "Tracker | None" = None,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps, validating and checkpointing along the way.
+
+    Args:
+        model: the model; moved to ``device``; wrapped in DDP when a process group is active (pass a
+            DDP model yourself to choose e.g. ``find_unused_parameters``).
+        loss_fn: ``loss_fn(model, batch) -> (loss, logs)``; ``batch`` already on ``device``; ``loss`` a
+            scalar tensor, ``logs`` a dict of floats averaged into the tracker's ``train/*`` metrics
+            (a bare loss tensor is accepted too). Runs under autocast when AMP is on.
+        batches: an endless iterator of batches (tensors, or dicts/tuples of them). A finite re-iterable
+            (e.g. a DataLoader) is restarted when exhausted.
+        cfg: training settings.
+        out_dir: folder of ``last.pt`` and ``best.pt``.
+        val_fn: ``val_fn(model) -> {"dice": float, ...}`` on the unwrapped model in eval mode under
+            ``torch.no_grad()``, higher Dice is better; run on rank 0 only. None: no validation, no best.pt.
+        extra_meta: stage metadata saved in the checkpoints (``config``, ``labels``, ``arch`` ...); on
+            resume every key but ``config`` must match what ``last.pt`` holds.
+        on_validation: ``on_validation(step, metrics)`` after each validation, once ``last.pt`` is written,
+            on every rank; an exception it raises (``optuna.TrialPruned``) propagates.
+        tracker: a :class:`training.tracking.Tracker` inside an open run, or None.
+        device: ``"cpu"``, ``"cuda"`` (this rank's GPU under torchrun), ``"cuda:1"``, ``"auto"``.
+        resume: continue from ``out_dir/last.pt`` if present (a finished run returns at once).
+    """
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    device = _resolve_device(device)
+    rank, world_size = get_rank(), get_world_size()
+    main = rank == 0
+    started = time.perf_counter()
+
+    net = wrap_model(model.to(device))
+    plain = unwrap_model(net)
+    optimizer = build_optimizer(plain, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.schedule, cfg.poly_power)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    extra_meta = dict(extra_meta or {})
+
+    step, best, best_step = 0, -math.inf, None
+    history: list[dict[str, float]] = []
+    wall_before, train_s = 0.0, 0.0
+    resumed_from = None
+    if resume and last_path.is_file():
+        ckpt = load_checkpoint(last_path)
+        check_compatible(ckpt, extra_meta, cfg.to_dict(), source=last_path)
+        restore_training_state(ckpt, net, optimizer, scheduler, scaler, source=last_path)
+        state = ckpt.get("train_state") or {}
+        step, best = int(ckpt["step"]), float(ckpt["best_dice"])
+        best_step, history = state.get("best_step"), list(state.get("history", []))
+        wall_before, train_s = float(state.get("wall_s", 0.0)), float(state.get("train_s", 0.0))
+        rng = ckpt.get("rng") or []
+        if len(rng) == world_size:
+            restore_rng_state(rng[rank])
+        else:  # another world size: ranks cannot get their streams back; keep them distinct and seeded
+            seed_everything(rank_seed(cfg.seed) + 1_000_003 * step)
+        resumed_from = step
+        del ckpt
+    else:
+        seed_everything(rank_seed(cfg.seed))
+
+    def result() -> FitResult:
+        return FitResult(
+            best_metric=None if math.isinf(best) else best,
+            best_step=best_step,
+            last_step=step,
+            history=history,
+            best_path=best_path if best_path.is_file() else None,
+            last_path=last_path,
+            wall_s=wall_before + time.perf_counter() - started,
+            s_per_step=train_s / step if step else None,
+            resumed_from=resumed_from,
+        )
+
+    if step >= cfg.steps:
+        return result()
+
+    progress = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not (main and cfg.progress),
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,  # log files get a line now and then, not a flood
+        dynamic_ncols=True,
+        desc=out_dir.name or "train",
+    )
+    if main:
+        n_train = sum(p.numel() for p in trainable_parameters(plain))
+        progress.write(
+            f"fit {out_dir}: {n_train:,} trainable params, steps {step}->{cfg.steps}, "
+            f"{world_size} process(es) on {device.type}, amp {amp_dtype or 'off'}"
+            + (f", resumed at step {step}" if resumed_from is not None else "")
+        )
+
+    stream = _batch_stream(batches)
+    # Loss and gradient norm stay on the device between log points: a host sync per step would stall
+    # a GPU for nothing. Non-finite values are caught at the next log point or validation, before any
+    # checkpoint is written.
+    window = _Window(device)  # since the last tracker record
+    since_val = _Window(device)  # since the last validation
+    last_dice = f"{history[-1]['dice']:.3f}" if history and "dice" in history[-1] else "-"
+    net.train()
+    segment_start = time.perf_counter()  # training time excludes validation and checkpointing
+    try:
+        while step < cfg.steps:
+            batch = _to_device(next(stream), device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
+            scaler.scale(loss).backward()
+            grad_norm = None
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable_parameters(plain)), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+
+            window.add(loss, grad_norm, lr, logs)
+            since_val.add(loss)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                means = window.flush(step, out_dir)
+                if tracker is not None:
+                    tracker.log_metrics({f"train/{k}": v for k, v in means.items()}, step)
+                progress.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}", dice=last_dice, refresh=False)
+            progress.update(1)
+
+            if step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0):
+                train_loss = since_val.flush(step, out_dir)["loss"]  # waits for the device: time is honest
+                train_s += time.perf_counter() - segment_start
+                metrics = _validate_on_main(plain, val_fn, step, main)
+                entry = {"step": step, "train_loss": train_loss, **metrics}
+                history.append(entry)
+                improved = "dice" in metrics and metrics["dice"] > best
+                if improved:
+                    best, best_step = metrics["dice"], step
+                if "dice" in metrics:
+                    last_dice = f"{metrics['dice']:.3f}"
+                rng_states = all_gather_object(capture_rng_state())
+                if main:
+                    train_state = {
+                        "best_step": best_step,
+                        "history": history,
+                        "wall_s": wall_before + time.perf_counter() - started,
+                        "train_s": train_s,
+                        "settings": cfg.to_dict(),
+                    }
+                    for path in ([best_path] if improved else []) + [last_path]:
+                        save_checkpoint(
+                            path, plain, optimizer, scheduler, step, best, extra_meta,
+                            scaler=scaler, rng_states=rng_states, train_state=train_state,
+                        )
+                    if tracker is not None:
+                        tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+                    progress.write(
+                        f"step {step}/{cfg.steps}: train loss {entry['train_loss']:.4f}"
+                        + (f", val dice {metrics['dice']:.4f} (best {best:.4f} at step {best_step})" if "dice" in metrics else "")
+                    )
+                barrier()
+                net.train()
+                if on_validation is not None:
+                    on_validation(step, dict(metrics))
+                segment_start = time.perf_counter()
+    finally:
+        progress.close()
+    if main and tracker is not None:
+        done = result()
+        tracker.log_metrics(
+            {"best/dice": done.best_metric if done.best_metric is not None else math.nan, "time/s_per_step": done.s_per_step or math.nan},
+            step,
+        )
+    return result()
+
+
+class _Window:
+    """Running sums of training values between two reads; tensors are summed on their device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm: torch.Tensor | None = None
+        self.floats: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, lr: float | None = None,
+            logs: Mapping[str, float] | None = None) -> None:
+        self.loss = self.loss + loss.detach().float()
+        if grad_norm is not None:
+            norm = grad_norm.detach().float()
+            self.grad_norm = norm if self.grad_norm is None else self.grad_norm + norm
+        values = dict(logs or {})
+        if lr is not None:
+            values["lr"] = lr
+        for k, v in values.items():
+            self.floats[k] = self.floats.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def flush(self, step: int, source: Path) -> dict[str, float]:
+        """Means since the last flush (one host sync); raises if the loss went non-finite."""
+        n = max(1, self.count)
+        first = step - self.count + 1
+        loss = float(self.loss) / n
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} within steps {first}-{step} ({source}); lower lr or check the data"
+            )
+        means = {"loss": loss, **{k: v / n for k, v in self.floats.items()}}
+        if self.grad_norm is not None:
+            means["grad_norm"] = float(self.grad_norm) / n
+        self._reset()
+        return means
+
+
+def _validate_on_main(model: nn.Module, val_fn: ValFn | None, step: int, main: bool) -> dict[str, float]:
+    """Rank 0 validates, every rank gets its metrics; a failure there stops every rank, not only rank 0."""
+    outcome: tuple[str, Any] | None = None
+    error: Exception | None = None
+    if main:
+        try:
+            outcome = ("ok", _validate(model, val_fn, step))
+        except Exception as exc:  # re-raised below, after the other ranks were told
+            error, outcome = exc, ("error", f"{type(exc).__name__}: {exc}")
+    outcome = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        raise RuntimeError(f"validation failed on rank 0 at step {step}: {outcome[1]}")
+    return outcome[1]
+
+
+def _validate(model: nn.Module, val_fn: ValFn | None, step: int) -> dict[str, float]:
+    if val_fn is None:
+        return {}
+    model.eval()
+    with torch.no_grad():
+        raw = val_fn(model)
+    if not isinstance(raw, Mapping) or "dice" not in raw:
+        raise ValueError(f"val_fn must return a dict with a 'dice' entry; got {raw!r} at step {step}")
+    metrics: dict[str, float] = {}
+    for k, v in raw.items():
+        try:
+            metrics[str(k)] = float(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"val_fn returned a non-numeric {k!r}={v!r} at step {step}") from exc
+    return metrics
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # under torchrun each rank owns cuda:LOCAL_RANK (setup_distributed made it current), not cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _unpack_loss(out: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]]:
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and isinstance(out[1], Mapping):
+        return out
+    raise TypeError(f"loss_fn must return a scalar tensor or (loss, logs dict); got {type(out).__name__} at step {step}")
+
+
+def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    # bf16 autocast buys nothing on a CPU (measured, DESIGN.md), so AMP is a CUDA-only feature.
+    if device.type != "cuda" or amp is False:
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _batch_stream(batches: Iterable[Any]) -> Iterator[Any]:
+    iterator = iter(batches)
+    restartable = iterator is not batches
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            if not restartable:
+                raise ValueError("the batch iterator ran out; pass an endless iterator or a re-iterable loader") from None
+            iterator = iter(batches)
+            try:
+                yield next(iterator)
+            except StopIteration:
+                raise ValueError("the batch loader yields no batches") from None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(v, device) for v in batch]
+        return type(batch)(moved) if isinstance(batch, list) or type(batch) is tuple else type(batch)(*moved)
+    return batch
+
