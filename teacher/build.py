@@ -28,6 +28,10 @@ PRESETS: dict[str, TeacherArch] = {
 }
 
 
+# "sam2d": SAM's 2D ViT adapted to 3D (3DSAM-adapter + AutoProSAM); "sam_med3d": SAM-Med3D (teacher/sam_med3d/).
+BACKBONES = ("sam2d", "sam_med3d")
+
+
 class TeacherConfigError(ValueError):
     """A ``teacher:`` config section that cannot be built; the message names the key."""
 
@@ -86,8 +90,22 @@ def build_teacher(cfg_teacher: Mapping[str, Any], num_classes: int, checkpoint: 
     Returns:
         the teacher (train mode).
     """
-    model = teacher_from_config(cfg_teacher, num_classes)
     checkpoint = checkpoint if checkpoint is not None else cfg_teacher.get("checkpoint")
+    backbone = cfg_teacher.get("backbone", "sam2d")
+    if backbone not in BACKBONES:
+        raise TeacherConfigError(f"teacher.backbone: unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
+    if backbone == "sam_med3d":
+        from teacher.sam_med3d.build import build_sam_med3d_teacher
+
+        model = build_sam_med3d_teacher(dict(cfg_teacher), num_classes, checkpoint or None)
+        model.teacher_cfg = copy.deepcopy(dict(cfg_teacher))
+        model.encoder_pretrained = bool(checkpoint)
+        if not checkpoint:
+            print("WARNING teacher: NO SAM-Med3D CHECKPOINT - the encoder starts from RANDOM weights", file=sys.stderr)
+        counts = count_parameters(model)
+        print(f"teacher: backbone=sam_med3d trainable={counts['trainable']:,} frozen={counts['frozen']:,}", file=sys.stderr)
+        return model
+    model = teacher_from_config(cfg_teacher, num_classes)
     if checkpoint:
         report = load_sam_state_dict(checkpoint, model)
         model.teacher_cfg["checkpoint"] = str(checkpoint)

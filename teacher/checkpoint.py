@@ -166,12 +166,16 @@ def save_teacher(path: str | Path, model: torch.nn.Module, meta: Mapping[str, An
     ckpt = dict(meta)
     ckpt.setdefault("teacher_cfg", copy.deepcopy(getattr(model, "teacher_cfg", {})))
     ckpt.setdefault("num_classes", model.num_classes)
-    ckpt.setdefault("roi_size", list(model.arch.roi_size))
-    ckpt["encoder_pretrained"] = bool(model.encoder_pretrained)
-    # The exact architecture, so a checkpoint rebuilds even if presets change later.
-    ckpt["teacher_build"] = {
-        "arch": model.arch.to_dict(), "peft": model.peft, "lora_rank": model.lora_rank, "prompt_mode": model.prompt_mode,
-    }
+    ckpt["encoder_pretrained"] = bool(getattr(model, "encoder_pretrained", False))
+    if ckpt["teacher_cfg"].get("backbone", "sam2d") == "sam_med3d":
+        ckpt.setdefault("roi_size", list(ckpt["teacher_cfg"].get("roi_size") or [128, 128, 128]))
+    else:
+        ckpt.setdefault("roi_size", list(model.arch.roi_size))
+        # The exact architecture, so a checkpoint rebuilds even if presets change later.
+        ckpt["teacher_build"] = {
+            "arch": model.arch.to_dict(), "peft": model.peft, "lora_rank": model.lora_rank,
+            "prompt_mode": model.prompt_mode,
+        }
     ckpt["model"] = model.state_dict()
     return save_torch_atomic(ckpt, path)
 
@@ -201,6 +205,8 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         if key not in ckpt:
             raise TeacherCheckpointError(f"{path}: missing key {key!r} (not a teacher.pt?)")
     build = ckpt.get("teacher_build")
+    if ckpt["teacher_cfg"].get("backbone", "sam2d") == "sam_med3d":
+        return _load_sam_med3d_teacher(path, ckpt, device)
     try:
         if build:
             model = Teacher3D(
@@ -220,3 +226,23 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     model.configure_trainable(bool(ckpt.get("encoder_pretrained", False)))
     meta = {k: v for k, v in ckpt.items() if k != "model"}
     return model.to(device).eval(), meta
+
+
+def _load_sam_med3d_teacher(path: Path, ckpt: dict[str, Any], device: str | torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a SAM-Med3D automatic teacher (same frozen/LoRA structure as when it was trained)."""
+    from teacher.sam_med3d.auto_teacher import SamMed3DAutoTeacher
+    from teacher.sam_med3d.model import build_sam_med3d
+
+    cfg = dict(ckpt["teacher_cfg"])
+    pretrained = bool(ckpt.get("encoder_pretrained", False))
+    try:
+        model = SamMed3DAutoTeacher(
+            build_sam_med3d(None, preset=cfg.get("preset", "vit_b_ori")), int(ckpt["num_classes"]),
+            peft=cfg.get("peft", "lora"), lora_rank=int(cfg.get("lora_rank", 4)), freeze_encoder=pretrained,
+            apg_hidden=int(cfg.get("apg_hidden", 64)),
+        )
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise TeacherCheckpointError(f"{path}: cannot rebuild the SAM-Med3D teacher ({exc})") from exc
+    model.teacher_cfg, model.encoder_pretrained = cfg, pretrained
+    return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}
