@@ -1,0 +1,10 @@
+"""Edge runtime: NIfTI in, mask out, on ONNX Runtime or OpenVINO; numpy and nibabel only (no torch, no MONAI).
+
+    from deploy import Segmenter
+    Segmenter("bundle/", runtime="openvino", precision="int8", threads=2).segment_file("ct.nii.gz", "mask.nii.gz")
+"""
+from deploy.bundle import file_sha256, load_bundle
+from deploy.errors import BundleError, DeployError, InputVolumeError, RuntimeChoiceError
+from deploy.segmenter import Segmenter
+
+__all__ = ["BundleError", "DeployError", "InputVolumeError", "RuntimeChoiceError", "Segmenter", "file_sha256", "load_bundle"]

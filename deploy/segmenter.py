@@ -1,0 +1,131 @@
+"""The edge segmenter: CT volume in, label map out, on a deploy bundle (no torch, no MONAI)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.body_crop import body_box, paste_logits
+from deploy.bundle import load_bundle
+from deploy.errors import BundleError, DeployError
+from deploy.geometry import labels_to_source, logits_to_source, to_model_grid
+from deploy.intensity import apply_intensity, check_intensity
+from deploy.runtime import ModelSession
+from deploy.sliding_window import sliding_window_logits
+from deploy.volume_io import check_volume, read_volume, write_mask
+
+
+class Segmenter:
+    """Segment CT volumes with a deploy bundle.
+
+    The steps are those of the training preprocessing (docs/interfaces.md), re-implemented in numpy:
+    reorient to the bundle's axcodes, resample trilinearly to its spacing, crop to the body (if the bundle
+    says so, as the training preprocessing does), clip and scale intensities,
+    Gaussian-weighted sliding window at the bundle's ROI, logits resampled linearly back to the input's
+    grid, argmax, orientation undone.
+
+    Args:
+        bundle_dir: a folder written by ``export.build_bundle``; its checksums are verified.
+        runtime: ``"openvino"`` or ``"onnxruntime"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        threads: inference threads (``None``: the runtime's default).
+        overlap: window overlap; ``None`` uses the bundle's.
+        batch_size: windows per call (``None``: the bundle's static batch, or 1 if dynamic).
+        resample_back: ``"logits"`` (linear, smoother boundaries) or ``"labels"`` (nearest neighbour on the
+            argmax, exactly what MONAI ``Invertd`` does in evaluation).
+    """
+
+    def __init__(self, bundle_dir: str | Path, runtime: str = "openvino", precision: str = "fp32",
+                 threads: int | None = None, overlap: float | None = None, batch_size: int | None = None,
+                 resample_back: str = "logits"):
+        if resample_back not in ("logits", "labels"):
+            raise DeployError(f"resample_back must be 'logits' or 'labels', got {resample_back!r}")
+        self.resample_back = resample_back
+        self.bundle = load_bundle(bundle_dir)
+        self.bundle_dir = Path(bundle_dir)
+        manifest = self.bundle_dir / "model.json"
+        spec = self.bundle["preprocess"]
+        try:
+            self.spacing_mm = [float(s) for s in spec["spacing_mm"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{manifest}: preprocess.spacing_mm must be 3 numbers") from exc
+        if len(self.spacing_mm) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing_mm):
+            raise BundleError(f"{manifest}: preprocess.spacing_mm must be 3 positive numbers, got {spec['spacing_mm']}")
+        self.axcodes = str(spec.get("orientation", "RAS")).upper()
+        self.intensity = check_intensity(spec, str(manifest))
+        self.overlap = float(self.bundle["overlap"] if overlap is None else overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise DeployError(f"overlap must be in [0, 1), got {self.overlap}")
+        self.roi_size = self.bundle["roi_size"]
+        self.num_classes = self.bundle["num_classes"]
+        self.labels = self.bundle["labels"]
+        crop = self.bundle.get("crop_foreground")
+        try:
+            self.crop = None if crop is None else (float(crop["threshold_hu"]), int(crop["margin"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{manifest}: crop_foreground must hold threshold_hu and margin, got {crop!r}") from exc
+        self.session = ModelSession(self.bundle, runtime, precision, threads)
+        static = self.bundle.get("batch", 1)
+        self.batch_size = int(batch_size or (1 if static == "dynamic" else static))
+
+    def predict_logits(self, image: np.ndarray, affine: np.ndarray, source: str = "input") -> tuple[np.ndarray, Any]:
+        """Model-grid logits of a volume.
+
+        Args:
+            image: ``X x Y x Z`` voxels (HU) in the file's own axis order.
+            affine: its 4x4 affine.
+            source: names the input in error messages.
+
+        Returns:
+            ``(K x X' x Y' x Z' logits on the model grid, Geometry to map them back)``.
+        """
+        image = check_volume(image, affine, source)
+        resampled, geometry = to_model_grid(image, affine, self.spacing_mm, self.axcodes)
+        box = body_box(resampled, *self.crop) if self.crop else tuple(slice(0, s) for s in resampled.shape)
+        model_input = apply_intensity(resampled[box], self.intensity)[None]
+        logits = sliding_window_logits(model_input, self.session, self.roi_size, self.num_classes,
+                                       self.overlap, self.batch_size)
+        if self.crop:
+            logits = paste_logits(logits, box, resampled.shape)
+        return logits, geometry
+
+    def segment(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """Label map of a volume, aligned voxel for voxel with ``image``.
+
+        Args:
+            image: ``X x Y x Z`` voxels (HU; any integer or float type) in the file's axis order.
+            affine: its 4x4 voxel-to-world affine (any axis-permuted/flipped orientation).
+
+        Returns:
+            ``X x Y x Z`` class indices (uint8, int16 beyond 256 classes).
+        """
+        logits, geometry = self.predict_logits(image, affine)
+        return self._to_source(logits, geometry).astype(np.uint8 if self.num_classes <= 256 else np.int16)
+
+    def _to_source(self, logits: np.ndarray, geometry) -> np.ndarray:
+        if self.resample_back == "labels":
+            return labels_to_source(np.argmax(logits, axis=0), geometry)
+        return logits_to_source(logits, geometry)
+
+    def segment_file(self, in_path: str | Path, out_path: str | Path, overlay: str | Path | None = None) -> np.ndarray:
+        """Segment a NIfTI and write the mask with the input's exact affine and shape (atomically).
+
+        Args:
+            in_path: CT NIfTI (``.nii``/``.nii.gz``).
+            out_path: mask destination.
+            overlay: optional PNG with a few axial slices (needs matplotlib).
+
+        Returns:
+            the label map that was written.
+        """
+        image, affine, reference = read_volume(in_path)
+        logits, geometry = self.predict_logits(image, affine, str(in_path))
+        labels = self._to_source(logits, geometry)
+        write_mask(out_path, labels, reference, self.num_classes)
+        if overlay is not None:
+            from deploy.overlay import write_overlay
+
+            write_overlay(overlay, image, labels, affine, self.labels)
+        return labels

@@ -1,0 +1,16 @@
+"""Students: small MONAI networks distilled from the teacher (SwinUNETR tiny/small, U-Nets)."""
+from student.checkpoint import StudentCheckpointError, load_student, save_student
+from student.complexity import count_params, describe
+from student.registry import STUDENTS, UnknownStudentError, build_student, check_roi
+
+__all__ = [
+    "STUDENTS",
+    "StudentCheckpointError",
+    "UnknownStudentError",
+    "build_student",
+    "check_roi",
+    "count_params",
+    "describe",
+    "load_student",
+    "save_student",
+]

@@ -1,0 +1,100 @@
+"""Student factory: named MONAI networks mapping ``B x C x X x Y x Z`` to logits ``B x K x X x Y x Z``.
+
+A registry of named configurations built by small private functions (as ``build_sam`` does): a new
+student is a few lines here, not a new code path elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+
+class UnknownStudentError(ValueError):
+    """A student name that is not in the registry; the message lists the known names."""
+
+
+def _swinunetr(feature_size: int) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        from monai.networks.nets import SwinUNETR
+
+        # monai >= 1.5 dropped ``img_size``: the network works at any size divisible by 32.
+        return SwinUNETR(
+            in_channels=in_channels,
+            out_channels=num_classes,
+            feature_size=feature_size,
+            spatial_dims=3,
+            use_checkpoint=False,
+        )
+
+    return build
+
+
+def _unet_small(num_classes: int, in_channels: int) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        channels=(16, 32, 64, 128),
+        strides=(2, 2, 2),
+        num_res_units=2,
+        norm="instance",
+    )
+
+
+def _basic_unet(num_classes: int, in_channels: int) -> nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, features=(16, 16, 32, 64, 128, 16))
+
+
+STUDENTS: dict[str, Callable[[int, int], nn.Module]] = {
+    "swinunetr_tiny": _swinunetr(12),
+    "swinunetr_small": _swinunetr(24),
+    "unet_small": _unet_small,
+    "basic_unet": _basic_unet,
+}
+
+# Spatial sizes of a ROI must be multiples of this (SwinUNETR: patch 2 x four 2x merges = 32).
+ROI_MULTIPLE: dict[str, int] = {"swinunetr_tiny": 32, "swinunetr_small": 32, "unet_small": 8, "basic_unet": 16}
+
+
+def build_student(name: str, num_classes: int, in_channels: int = 1) -> nn.Module:
+    """Build a named student network (random initialisation).
+
+    Args:
+        name: one of ``STUDENTS`` (``swinunetr_tiny``, ``swinunetr_small``, ``unet_small``, ``basic_unet``).
+        num_classes: K, output channels including background.
+        in_channels: image channels (1 for CT).
+
+    Returns:
+        an ``nn.Module`` mapping ``B x in_channels x X x Y x Z`` to logits ``B x K x X x Y x Z``.
+    """
+    if name not in STUDENTS:
+        raise UnknownStudentError(f"unknown student {name!r}; known: {sorted(STUDENTS)}")
+    if int(num_classes) < 2:
+        raise ValueError(f"student {name!r}: num_classes must be >= 2 (background + one class), got {num_classes}")
+    if int(in_channels) < 1:
+        raise ValueError(f"student {name!r}: in_channels must be >= 1, got {in_channels}")
+    return STUDENTS[name](int(num_classes), int(in_channels))
+
+
+def check_roi(name: str, roi_size: list[int] | tuple[int, ...]) -> None:
+    """Refuse a ROI the named student cannot run at (e.g. SwinUNETR needs multiples of 32).
+
+    Args:
+        name: student name.
+        roi_size: ``[X, Y, Z]``.
+    """
+    multiple = ROI_MULTIPLE.get(name, 1)
+    if len(roi_size) != 3 or any(int(s) <= 0 or int(s) % multiple for s in roi_size):
+        raise ValueError(f"student {name!r}: roi_size {list(roi_size)} must be 3 positive multiples of {multiple}")
+    bottleneck = 1
+    for s in roi_size:
+        bottleneck *= int(s) // multiple
+    if bottleneck < 2:
+        # Instance norm at the deepest stage needs more than one voxel (32^3 leaves a 1^3 bottleneck).
+        raise ValueError(f"student {name!r}: roi_size {list(roi_size)} leaves a single voxel at the bottleneck; "
+                         f"use at least {multiple * 2} along one axis")
