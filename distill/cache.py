@@ -1,0 +1,291 @@
+"""Teacher-output cache: the teacher's soft targets computed once per case, stored compactly.
+
+The teacher is the expensive model; a student trains for many steps on random crops of the same few
+volumes. So the teacher runs once over every training case (labelled and unlabelled), on the whole
+preprocessed volume with the same sliding window used for evaluation, and its logits are stored as
+float16 at ``1 / downsample`` resolution per axis (default 2: 1/8 of the voxels, 1/16 of the float32
+bytes). Logits are smooth at the scale of a voxel pair (they come out of a decoder that upsamples ×2
+twice), so a trilinear upsample restores them closely; ``tests/test_distill_cache.py`` and the report
+measure the agreement.
+
+Layout::
+
+    <cache_root>/<key>/manifest.json       key inputs, storage format, one entry per case
+    <cache_root>/<key>/<case_id>.npz        {"logits": float16 K x x' x y' x z'}
+
+``key`` is a sha256 of the teacher checkpoint file's bytes, the preprocessing spec, the ROI, the overlap
+and the storage format: a retrained teacher or a changed preprocessing lands in a new folder and never
+serves stale targets. Every file is written atomically; the manifest is rewritten after each case, so a
+killed build resumes where it stopped.
+
+At training time ``AttachTeacherd`` loads an entry, upsamples it to the case's preprocessed grid and puts
+it under ``"teacher"`` so that ``data.transforms.random_crop_transforms(..., extra_keys=("teacher",))``
+crops and flips image, label and teacher identically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+from torch.nn import functional as F
+
+from data.atomic import atomic_path, write_json_atomic
+
+CACHE_FORMAT_VERSION = 1
+_CASE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class CacheError(ValueError):
+    """A cache folder or entry that cannot be used; the message names the folder, case or file."""
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (streamed, so multi-GB checkpoints do not load into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(
+    teacher_sha256: str,
+    preprocess: Mapping[str, Any],
+    roi_size: Sequence[int],
+    overlap: float,
+    downsample: int = 2,
+) -> str:
+    """Folder name for a cache: everything that changes the stored targets goes into the hash.
+
+    Args:
+        teacher_sha256: sha256 of the teacher checkpoint file.
+        preprocess: preprocessing spec (docs/interfaces.md).
+        roi_size: teacher sliding-window ROI ``[X, Y, Z]``.
+        overlap: sliding-window overlap.
+        downsample: storage downsampling factor per axis.
+    """
+    blob = json.dumps(
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "teacher_sha256": teacher_sha256,
+            "preprocess": preprocess,
+            "roi_size": [int(r) for r in roi_size],
+            "overlap": float(overlap),
+            "downsample": int(downsample),
+            "dtype": "float16",
+        },
+        sort_keys=True,
+        default=str,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def compress_logits(logits: torch.Tensor, downsample: int) -> np.ndarray:
+    """Average-pool ``K x X x Y x Z`` logits by ``downsample`` per axis (ceil) and cast to float16."""
+    logits = torch.as_tensor(logits).float()
+    if downsample > 1:
+        out_size = [-(-s // downsample) for s in logits.shape[1:]]
+        logits = F.adaptive_avg_pool3d(logits[None], out_size)[0]
+    return logits.cpu().numpy().astype(np.float16)
+
+
+def expand_logits(stored: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """Upsample stored ``K x x' x y' x z'`` logits back to ``K x X x Y x Z`` float32 (trilinear)."""
+    t = torch.from_numpy(np.asarray(stored, dtype=np.float32))
+    shape = [int(s) for s in shape]
+    if list(t.shape[1:]) == shape:
+        return t
+    return F.interpolate(t[None], size=shape, mode="trilinear", align_corners=False)[0]
+
+
+class TeacherCache:
+    """One cache folder: read entries, and the manifest describing them.
+
+    Args:
+        directory: ``<cache_root>/<key>`` (created by ``build_teacher_cache``).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        manifest_path = self.directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise CacheError(f"{manifest_path}: no teacher cache manifest here")
+        try:
+            self.manifest: dict = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CacheError(f"{manifest_path}: not valid JSON ({exc})") from exc
+        if self.manifest.get("format") != CACHE_FORMAT_VERSION:
+            raise CacheError(f"{manifest_path}: cache format {self.manifest.get('format')} != {CACHE_FORMAT_VERSION}")
+
+    @property
+    def entries(self) -> dict[str, dict]:
+        return self.manifest["entries"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of all entries (manifest excluded)."""
+        return sum((self.directory / e["file"]).stat().st_size for e in self.entries.values())
+
+    def load(self, case_id: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Teacher logits of one case on its preprocessed grid, ``K x X x Y x Z`` float32.
+
+        Args:
+            case_id: the case identifier used when the cache was built.
+            shape: the grid the caller holds (the preprocessed image's spatial shape); refused if it is
+                not the grid the teacher saw, which means the preprocessing changed.
+        """
+        entry = self.entries.get(case_id)
+        if entry is None:
+            raise CacheError(f"{self.directory}: no cached teacher output for case {case_id!r}")
+        if shape is not None and [int(s) for s in shape] != entry["shape"]:
+            raise CacheError(
+                f"{self.directory}: case {case_id!r} was cached on grid {entry['shape']}, "
+                f"but the image now has grid {[int(s) for s in shape]} (preprocessing changed?)"
+            )
+        path = self.directory / entry["file"]
+        try:
+            with np.load(path) as npz:
+                stored = npz["logits"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise CacheError(f"{path}: unreadable teacher cache entry ({exc})") from exc
+        return expand_logits(stored, entry["shape"])
+
+
+def build_teacher_cache(
+    teacher: Callable | torch.nn.Module,
+    cases: Iterable[Mapping[str, Any]],
+    load_case: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    cache_root: str | Path,
+    teacher_checkpoint: str | Path,
+    preprocess: Mapping[str, Any],
+    roi_size: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.25,
+    downsample: int = 2,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> TeacherCache:
+    """Run the teacher once over every case and store its logits (skipping cases already cached).
+
+    Args:
+        teacher: the teacher model (or any predictor ``evaluation.sliding_window.predict_logits`` takes).
+        cases: items with ``"case_id"`` and ``"image"`` (path), labelled or not.
+        load_case: the deterministic preprocessing (``data.transforms.load_transforms(spec, keys=("image",))``)
+            mapping an item to a dict whose ``"image"`` is ``1 x X x Y x Z``.
+        cache_root: parent folder; the cache lives in ``cache_root/<key>``.
+        teacher_checkpoint: the teacher checkpoint file (its bytes key the cache).
+        preprocess: preprocessing spec (keys the cache, stored in the manifest).
+        roi_size: sliding-window ROI of the teacher.
+        num_classes: K.
+        overlap: sliding-window overlap.
+        downsample: storage downsampling per axis (1 = full resolution).
+        device: where the teacher runs.
+        progress: show a tqdm bar.
+
+    Returns:
+        The ``TeacherCache`` holding every case.
+    """
+    from evaluation.sliding_window import predict_logits
+    from tqdm.auto import tqdm
+
+    if int(downsample) < 1:
+        raise CacheError(f"downsample must be >= 1, got {downsample}")
+    teacher_sha = file_sha256(teacher_checkpoint)
+    key = cache_key(teacher_sha, preprocess, roi_size, overlap, downsample)
+    directory = Path(cache_root) / key
+    manifest_path = directory / "manifest.json"
+    if manifest_path.is_file():
+        manifest = TeacherCache(directory).manifest
+    else:
+        manifest = {
+            "format": CACHE_FORMAT_VERSION,
+            "key": key,
+            "teacher_checkpoint": str(teacher_checkpoint),
+            "teacher_sha256": teacher_sha,
+            "preprocess": dict(preprocess),
+            "roi_size": [int(r) for r in roi_size],
+            "overlap": float(overlap),
+            "num_classes": int(num_classes),
+            "storage": {"dtype": "float16", "downsample": int(downsample), "upsample": "trilinear"},
+            "entries": {},
+        }
+        write_json_atomic(manifest_path, manifest)
+
+    cases = list(cases)
+    todo = [c for c in cases if c["case_id"] not in manifest["entries"]]
+    if isinstance(teacher, torch.nn.Module):
+        teacher.eval()
+    for item in tqdm(todo, desc="teacher cache", disable=not progress or not todo, mininterval=5):
+        case_id = str(item["case_id"])
+        if not _CASE_ID.match(case_id):
+            raise CacheError(f"case id {case_id!r} is not a safe file name")
+        start = time.perf_counter()
+        image = load_case(item)["image"]
+        with torch.inference_mode():
+            logits = predict_logits(teacher, torch.as_tensor(image), roi_size, num_classes, overlap=overlap, device=device)
+        logits = torch.as_tensor(logits)
+        if logits.shape[0] != num_classes:
+            raise CacheError(f"case {case_id!r}: teacher gave {logits.shape[0]} channels, expected {num_classes}")
+        stored = compress_logits(logits, int(downsample))
+        file_name = f"{case_id}.npz"
+        with atomic_path(directory / file_name, suffix=".npz") as tmp:
+            np.savez(tmp, logits=stored)
+        manifest["entries"][case_id] = {
+            "file": file_name,
+            "shape": [int(s) for s in logits.shape[1:]],
+            "stored_shape": [int(s) for s in stored.shape[1:]],
+            "bytes": (directory / file_name).stat().st_size,
+            "labelled": bool(item.get("label")),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        write_json_atomic(manifest_path, manifest)
+
+    missing = [c["case_id"] for c in cases if c["case_id"] not in manifest["entries"]]
+    if missing:  # pragma: no cover - guarded by the loop above
+        raise CacheError(f"{directory}: cases missing after build: {missing}")
+    return TeacherCache(directory)
+
+
+class AttachTeacherd(MapTransform):
+    """Add the cached teacher logits of a case under ``"teacher"`` (``K x X x Y x Z``, on the image grid).
+
+    For an unlabelled case (``has_label`` false or no ``label`` key) the teacher's argmax is also written
+    under ``label``: the class-balanced crop sampler needs a label map to choose crop centres, and the
+    teacher's is the best one there is. ``has_label`` stays false, so the KD loss never trains on it.
+
+    Args:
+        cache: the teacher cache.
+        image_key: key of the preprocessed image ``1 x X x Y x Z``.
+        teacher_key: key to write the logits under.
+        label_key: key of the label map.
+    """
+
+    def __init__(
+        self, cache: TeacherCache, image_key: str = "image", teacher_key: str = "teacher", label_key: str = "label"
+    ) -> None:
+        super().__init__(keys=[image_key])
+        self.cache = cache
+        self.image_key = image_key
+        self.teacher_key = teacher_key
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        image = d[self.image_key]
+        teacher = self.cache.load(str(d["case_id"]), image.shape[1:])
+        d[self.teacher_key] = teacher
+        labelled = bool(d.get("has_label", self.label_key in d))
+        if not labelled:
+            d[self.label_key] = teacher.argmax(dim=0, keepdim=True).to(torch.uint8)
+        d["has_label"] = labelled
+        return d

@@ -1,0 +1,354 @@
+"""The end-to-end pipeline: data → teacher → teacher cache → students → evaluation → export → benchmark.
+
+``distill/run.py`` is its command line. Each stage writes its artifact under ``runs/<run.name>/`` and is
+skipped when that artifact exists for the same inputs (``distill.stages.run_stage``), so a second run, or
+a run restarted after a kill, only does what is missing. One MLflow experiment per pipeline (named after
+``run.name``), a parent run with one nested run per stage, the config logged verbatim.
+
+Layout::
+
+    runs/<name>/data/ teacher/ cache/ students/<name>/ students/<name>_lambda0/ evaluation/ bundle/<name>/
+               mlflow.db mlartifacts/ report.json report.md
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from configs import config_hash
+from data.atomic import write_json_atomic, write_text_atomic
+from distill.data_stage import PreparedData, prepare_data
+from distill.stages import StageRecord, run_stage
+from distill.train import StudentResult, resolve_device, train_student
+from training.distributed import barrier, is_main_process
+
+
+class PipelineError(ValueError):
+    """A pipeline setting or missing piece that stops the run; the message names the key or module."""
+
+
+class Pipeline:
+    """One pipeline run folder and its stages.
+
+    Args:
+        cfg: the run config.
+        out_dir: run folder; default ``runs/<run.name>``.
+        tracking_uri: MLflow store; default ``sqlite:///<run folder>/mlflow.db``.
+        log: where progress lines go.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], out_dir: str | Path | None = None, tracking_uri: str | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        from training.distributed import setup_distributed
+        from training.tracking import Tracker
+
+        setup_distributed(device="cpu" if str(cfg.get("run", {}).get("device", "auto")) == "cpu" else None)
+        # A deep copy: the tuning stage writes the λ it found into this run's config, never the caller's.
+        self.cfg = copy.deepcopy(dict(cfg))
+        self.run_dir = Path(out_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self.tracker = Tracker(self.run_dir, experiment=str(cfg["run"]["name"]), tracking_uri=tracking_uri)
+        self.records: dict[str, StageRecord] = {}
+        self.data: PreparedData | None = None
+        self.device = resolve_device(str(cfg.get("run", {}).get("device", "auto")))
+        threads = cfg.get("run", {}).get("threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """The pipeline's parent MLflow run, with the config logged verbatim."""
+        with self.tracker.start_run(f"pipeline {self.cfg['run']['name']}", nested=False, resume_key="pipeline"):
+            self.tracker.log_text(_yaml(self.cfg), "config.yaml")
+            self.tracker.set_tags({"config_hash": config_hash(self.cfg)})
+            yield
+
+    def _stage(self, name: str, directory: Path, inputs: Mapping[str, Any],
+               body: Callable[[Path], tuple[dict[str, str], dict]], all_ranks: bool = False) -> StageRecord:
+        with self.tracker.start_run(name, nested=True, resume_key=f"stage:{name}"):
+            record = run_stage(name, directory, inputs, body, log=self.log, all_ranks=all_ranks)
+            self.tracker.log_metrics({"wall_seconds": record.wall_seconds, "skipped": float(record.skipped)})
+        self.records[name] = record
+        return record
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def stage_data(self) -> PreparedData:
+        """Phantoms (or ``data.source``), checks, split, intensity statistics, preprocessing spec."""
+        inputs = {"data": self.cfg["data"], "preprocess": self.cfg["preprocess"], "seed": self.cfg["run"].get("seed", 0)}
+
+        def body(directory: Path) -> tuple[dict[str, str], dict]:
+            prepared = prepare_data(self.cfg, directory)
+            return {"data": str(directory / "data.json")}, {
+                "train": len(prepared.train), "val": len(prepared.val), "unlabelled": len(prepared.unlabelled)}
+
+        record = self._stage("data", self.run_dir / "data", inputs, body)
+        self.data = PreparedData.load(record.artifacts["data"])
+        return self.data
+
+    # -- teacher ------------------------------------------------------------------------------------------
+    def stage_teacher(self) -> Path:
+        """Load ``teacher.checkpoint_file`` when given, else train the teacher (``teacher.train``)."""
+        data = self._need_data()
+        given = self.cfg["teacher"].get("checkpoint_file")
+        if given:
+            path = Path(str(given)).expanduser().resolve()
+            if not path.is_file():
+                raise PipelineError(f"teacher.checkpoint_file={given!r}: file not found")
+            inputs = {"checkpoint_file": str(path), "mtime": path.stat().st_mtime, "size": path.stat().st_size}
+
+            def body(directory: Path) -> tuple[dict[str, str], dict]:
+                from teacher.checkpoint import load_teacher
+
+                _, meta = load_teacher(path)
+                if int(meta["num_classes"]) != data.num_classes:
+                    raise PipelineError(f"{path}: teacher has {meta['num_classes']} classes, the data {data.num_classes}")
+                return {"teacher": str(path)}, {"source": "checkpoint_file"}
+        else:
+            inputs = {"teacher": {k: v for k, v in self.cfg["teacher"].items() if k != "checkpoint_file"},
+                      "data": self.records["data"].artifact_hashes["data"], "seed": self.cfg["run"].get("seed", 0)}
+
+            def body(directory: Path) -> tuple[dict[str, str], dict]:
+                if importlib.util.find_spec("teacher.train") is None:
+                    raise PipelineError("teacher training (teacher/train.py) is not available here; "
+                                        "give a trained teacher with teacher.checkpoint_file=/path/teacher.pt")
+                from teacher.train import train_teacher
+
+                result = train_teacher(self.cfg, directory, data=data, tracker=self.tracker)
+                ckpt = Path(getattr(result, "checkpoint", directory / "teacher.pt"))
+                if not ckpt.is_file():
+                    raise PipelineError(f"teacher training finished without writing {ckpt}")
+                return {"teacher": str(ckpt)}, {"source": "trained", "best_dice": float(getattr(result, "best_metric", float("nan")))}
+
+        record = self._stage("teacher", self.run_dir / "teacher", inputs, body, all_ranks=not given)
+        return Path(record.artifacts["teacher"])
+
+    # -- teacher cache ------------------------------------------------------------------------------------
+    def stage_cache(self, teacher_ckpt: Path) -> Path:
+        """Teacher logits for every training case (labelled and unlabelled), stored once."""
+        from distill.cache import build_teacher_cache, cache_key, file_sha256
+
+        data = self._need_data()
+        dcfg = self.cfg["distill"]
+        roi = [int(s) for s in self.cfg["teacher"]["roi_size"]]
+        overlap = float(self.cfg["evaluation"].get("overlap", 0.25))
+        downsample = int(dcfg.get("cache_downsample", 2))
+        key = cache_key(file_sha256(teacher_ckpt), data.preprocess, roi, overlap, downsample)
+        cases = data.train + data.unlabelled
+        inputs = {"key": key, "cases": sorted(c["case_id"] for c in cases)}
+
+        def body(directory: Path) -> tuple[dict[str, str], dict]:
+            from data.transforms import load_transforms
+            from teacher.checkpoint import load_teacher
+
+            teacher, _ = load_teacher(teacher_ckpt, device=self.device)
+            load_labelled = load_transforms(data.preprocess, keys=("image",))
+            cache = build_teacher_cache(teacher, cases, load_labelled, directory, teacher_ckpt, data.preprocess,
+                                        roi, data.num_classes, overlap=overlap, downsample=downsample, device=self.device)
+            seconds = sum(e["seconds"] for e in cache.entries.values())
+            return {"cache": str(cache.directory)}, {"bytes": cache.size_bytes(), "cases": len(cache.entries),
+                                                      "teacher_seconds": round(seconds, 2)}
+
+        record = self._stage("cache", self.run_dir / "cache", inputs, body)
+        return Path(record.artifacts["cache"])
+
+    # -- λ search -----------------------------------------------------------------------------------------
+    def stage_tune(self, teacher_ckpt: Path | None, cache_dir: Path | None) -> dict:
+        """Optuna search over λ (``distill.tune``); the final students then train with the best λ.
+
+        The study lives in ``tune.storage`` (default ``runs/<name>/optuna.db``) and resumes on its own, so an
+        interrupted search continues; the stage record only makes a finished search skip at once.
+        """
+        from distill.tune import tune_lambda
+
+        data = self._need_data()
+        inputs = {"tune": self.cfg["tune"], "student": self.cfg["student"],
+                  "distill": {k: v for k, v in self.cfg["distill"].items() if k not in ("lambda_kd", "baseline_lambda_zero")},
+                  "data": self.records["data"].artifact_hashes["data"],
+                  "cache": self.records["cache"].inputs_hash if "cache" in self.records else None,
+                  "teacher": self.records["teacher"].artifact_hashes["teacher"] if "teacher" in self.records else None}
+
+        def body(directory: Path) -> tuple[dict[str, str], dict]:
+            summary = tune_lambda(self.cfg, self.run_dir, data, cache_dir, teacher_ckpt, self.tracker, log=self.log)
+            write_json_atomic(directory / "summary.json", summary)
+            return {"summary": str(directory / "summary.json")}, {
+                "best_lambda": float(summary["best_lambda"]), "best_dice": summary.get("best_dice"),
+                "endpoints": summary.get("endpoints"), "trials": summary.get("trials")}
+
+        record = self._stage("tune", self.run_dir / "tune_stage", inputs, body, all_ranks=True)
+        self.cfg["distill"]["lambda_kd"] = float(record.info["best_lambda"])
+        self.log(f"[tune] students train with the best λ = {self.cfg['distill']['lambda_kd']:.4g}")
+        return dict(record.info)
+
+    # -- students -----------------------------------------------------------------------------------------
+    def stage_students(self, teacher_ckpt: Path | None, cache_dir: Path | None) -> list[StudentResult]:
+        """Each of ``student.names`` at ``distill.lambda_kd``, plus a λ = 0 baseline of the first one."""
+        lambda_kd = float(self.cfg["distill"]["lambda_kd"])
+        runs = [(name, lambda_kd) for name in self.cfg["student"]["names"]]
+        if self.cfg["distill"].get("baseline_lambda_zero", True) and lambda_kd > 0:
+            runs.append((self.cfg["student"]["names"][0], 0.0))
+        return [self.stage_student(name, lam, teacher_ckpt, cache_dir) for name, lam in runs]
+
+    def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,
+                      steps: int | None = None) -> StudentResult:
+        """Train (or find up to date) one student."""
+        data = self._need_data()
+        folder = name if lambda_kd > 0 else f"{name}_lambda0"
+        directory = self.run_dir / "students" / folder
+        uses_teacher = lambda_kd > 0
+        inputs = {
+            "name": name, "lambda_kd": lambda_kd, "steps": steps,
+            "student": self.cfg["student"]["roi_size"],
+            "distill": {k: v for k, v in self.cfg["distill"].items() if k not in ("lambda_kd", "baseline_lambda_zero")},
+            "data": self.records["data"].artifact_hashes["data"],
+            "use_unlabeled": self.cfg["data"].get("use_unlabeled", True),
+            "teacher": self.records["teacher"].artifact_hashes["teacher"] if uses_teacher else None,
+            "cache": self.records["cache"].inputs_hash if uses_teacher and "cache" in self.records else None,
+            "seed": self.cfg["run"].get("seed", 0),
+        }
+
+        def body(out: Path) -> tuple[dict[str, str], dict]:
+            result = train_student(self.cfg, self.run_dir, name, lambda_kd, teacher_ckpt if uses_teacher else None,
+                                   cache_dir if uses_teacher else None, self.tracker, out_dir=out, steps=steps, data=data)
+            barrier()  # rank 0 writes student.pt after fit; the record must not be read before
+            return {"student": result.checkpoint}, result.to_dict()
+
+        record = self._stage(f"student {folder}", directory, inputs, body, all_ranks=True)
+        return StudentResult(**record.info)
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def stage_evaluation(self, teacher_ckpt: Path | None, students: list[StudentResult]) -> dict:
+        """Teacher and every student on the same held-out validation cases: per-class Dice, NSD, HD95."""
+        from distill.evaluate import evaluate_models
+
+        data = self._need_data()
+        models = {}
+        if teacher_ckpt is not None:
+            models["teacher"] = {"kind": "teacher", "checkpoint": str(teacher_ckpt)}
+        for s in students:
+            label = s.name if s.lambda_kd > 0 else f"{s.name} (λ=0)"
+            models[label] = {"kind": "student", "checkpoint": s.checkpoint, "lambda_kd": s.lambda_kd}
+        inputs = {"models": {k: self._hash_of(v["checkpoint"]) for k, v in models.items()},
+                  "evaluation": self.cfg["evaluation"], "data": self.records["data"].artifact_hashes["data"],
+                  "teacher_roi": self.cfg["teacher"]["roi_size"]}
+
+        def body(directory: Path) -> tuple[dict[str, str], dict]:
+            results = evaluate_models(models, data, self.cfg, directory, device=self.device, log=self.log)
+            for label, summary in results.items():
+                self.tracker.log_metrics({f"{label}.mean_dice": summary["summary"]["mean"]["dice"]})
+            return {"metrics": str(directory / "metrics.json")}, {}
+
+        record = self._stage("evaluation", self.run_dir / "evaluation", inputs, body)
+        import json
+
+        return json.loads(Path(record.artifacts["metrics"]).read_text())
+
+    # -- export -------------------------------------------------------------------------------------------
+    def stage_export(self, students: list[StudentResult]) -> dict[str, str]:
+        """A deployment bundle per KD student (``export.build_bundle``), when export/ is available."""
+        if not self.cfg.get("export", {}).get("enabled", True):
+            self.log("[export] disabled (export.enabled=false)")
+            return {}
+        try:
+            build_bundle = importlib.import_module("export").build_bundle
+        except (ImportError, AttributeError):
+            self.log("[export] export.build_bundle is not available; skipped")
+            return {}
+        ecfg = self.cfg["export"]
+        data = self._need_data()
+        bundles = {}
+        for s in students:
+            if s.lambda_kd <= 0:
+                continue
+            inputs = {"student": self._hash_of(s.checkpoint), "export": ecfg}
+
+            def body(directory: Path, s: StudentResult = s) -> tuple[dict[str, str], dict]:
+                # Calibration and parity crops come from the dataset through the training preprocessing.
+                bundle = build_bundle(s.checkpoint, directory / "bundle", calibration=data.root,
+                                      int8=bool(ecfg.get("int8", True)), max_dice_drop=float(ecfg.get("max_dice_drop", 0.01)),
+                                      calibration_crops=int(ecfg.get("calibration_crops", 8)),
+                                      overlap=float(self.cfg["evaluation"].get("overlap", 0.25)),
+                                      threads=int(self.cfg["run"].get("threads") or 2),
+                                      seed=int(self.cfg["run"].get("seed", 0)), log=self.log)
+                return {"bundle": str(bundle)}, {}
+
+            record = self._stage(f"export {s.name}", self.run_dir / "bundle" / s.name, inputs, body)
+            bundles[s.name] = record.artifacts["bundle"]
+        return bundles
+
+    # -- benchmark ----------------------------------------------------------------------------------------
+    def stage_benchmark(self, bundles: Mapping[str, str]) -> dict | None:
+        """Latency and accuracy of every bundle × runtime × precision × threads (``benchmarks.run_benchmarks``)."""
+        if not self.cfg.get("benchmark", {}).get("enabled", True) or not bundles:
+            self.log("[benchmark] disabled or no bundle to benchmark; skipped")
+            return None
+        if importlib.util.find_spec("benchmarks") is None or not hasattr(importlib.import_module("benchmarks"), "run_benchmarks"):
+            self.log("[benchmark] benchmarks.run_benchmarks is not available; skipped")
+            return None
+        from benchmarks import run_benchmarks
+        from benchmarks.latency import config_kwargs
+
+        bcfg = {k: v for k, v in self.cfg["benchmark"].items()}
+        inputs = {"bundles": {k: self._hash_of(v) for k, v in bundles.items()}, "benchmark": bcfg,
+                  "data": self.records["data"].artifact_hashes["data"]}
+
+        def body(directory: Path) -> tuple[dict[str, str], dict]:
+            out = run_benchmarks(run_dir=self.run_dir, bundles=list(bundles.values()), out_dir=directory,
+                                 nsd_tolerance_mm=float(self.cfg["evaluation"].get("nsd_tolerance_mm", 2.0)),
+                                 **config_kwargs(bcfg))
+            return dict(out.get("files", {})), {"rows": len(out.get("rows", [])), "notes": out.get("notes", [])}
+
+        return self._stage("benchmark", self.run_dir / "benchmarks", inputs, body).artifacts
+
+    # -- everything ---------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """All stages in order, then ``report.json`` and ``report.md``; returns the report."""
+        from distill.report import build_report, format_report
+
+        started = time.perf_counter()
+        with self.tracking():
+            self.stage_data()
+            tuning = bool(self.cfg.get("tune", {}).get("enabled", False))
+            needs_teacher = float(self.cfg["distill"]["lambda_kd"]) > 0 or tuning
+            teacher_ckpt = self.stage_teacher() if needs_teacher else None
+            cache_dir = None
+            if needs_teacher and self.cfg["distill"].get("mode", "cached") == "cached":
+                cache_dir = self.stage_cache(teacher_ckpt)
+            tune = self.stage_tune(teacher_ckpt, cache_dir) if tuning else None
+            students = self.stage_students(teacher_ckpt, cache_dir)
+            evaluation = self.stage_evaluation(teacher_ckpt, students)
+            bundles = self.stage_export(students)
+            benchmark = self.stage_benchmark(bundles)
+            report = build_report(self.cfg, self.run_dir, self.records, students, evaluation, bundles, benchmark,
+                                  wall_seconds=time.perf_counter() - started, tune=tune)
+            text = format_report(report)
+            if is_main_process():
+                write_json_atomic(self.run_dir / "report.json", report)
+                write_text_atomic(self.run_dir / "report.md", text)
+            self.tracker.log_text(text, "report.md")
+        if is_main_process():
+            self.log(text)
+        return report
+
+    def _need_data(self) -> PreparedData:
+        if self.data is None:
+            raise PipelineError("the data stage has not run yet (call stage_data first)")
+        return self.data
+
+    def _hash_of(self, path: str | Path) -> str:
+        from distill.stages import artifact_hash
+
+        return artifact_hash(path)
+
+
+def _yaml(cfg: Mapping[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(dict(cfg), sort_keys=False)

@@ -1,0 +1,115 @@
+"""The pipeline's closing report: does the teacher earn its cost?
+
+Teacher, KD students and the λ = 0 student side by side on the same held-out cases (per-class Dice),
+their sizes, the stage wall times, and where every artifact lives. ``build_report`` gathers plain data
+(``report.json``); ``format_report`` renders it as Markdown (``report.md``, also printed).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+
+def build_report(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    records: Mapping[str, Any],
+    students: Sequence[Any],
+    evaluation: Mapping[str, Mapping[str, Any]],
+    bundles: Mapping[str, str],
+    benchmark: Mapping[str, str] | None,
+    wall_seconds: float,
+    tune: Mapping[str, Any] | None = None,
+) -> dict:
+    """Collect the run's results into one JSON-able dict.
+
+    Args:
+        cfg: run config.
+        run_dir: run folder.
+        records: ``{stage: distill.stages.StageRecord}``.
+        students: ``distill.train.StudentResult`` of every student.
+        evaluation: output of ``distill.evaluate.evaluate_models``.
+        bundles: ``{student: bundle folder}``.
+        benchmark: benchmark artifacts, or None when skipped.
+        wall_seconds: total wall time of this invocation.
+        tune: the λ search's summary (best λ, Dice at λ = 0 and λ = 1), or None when it did not run.
+    """
+    stages = {
+        name: {"wall_seconds": round(float(r.wall_seconds), 2), "skipped": bool(r.skipped), "artifacts": dict(r.artifacts),
+               "info": {k: v for k, v in r.info.items() if k != "history"}}
+        for name, r in records.items()
+    }
+    models = {
+        name: {
+            "kind": m["kind"],
+            "lambda_kd": m.get("lambda_kd"),
+            "params": m["params"],
+            "file_mb": m["file_mb"],
+            "checkpoint": m["checkpoint"],
+            "mean": m["summary"]["mean"],
+            "per_class_dice": {c: v["dice"] for c, v in m["summary"]["per_class"].items()},
+            "cases": m["summary"]["cases"],
+        }
+        for name, m in evaluation.items()
+    }
+    return {
+        "run": str(cfg["run"]["name"]),
+        "run_dir": str(run_dir),
+        "wall_seconds": round(float(wall_seconds), 1),
+        "models": models,
+        "students": [{k: v for k, v in s.to_dict().items() if k != "history"} for s in students],
+        "stages": stages,
+        "bundles": dict(bundles),
+        "benchmark": dict(benchmark) if benchmark else None,
+        "tune": dict(tune) if tune else None,
+        "mlflow": f"sqlite:///{Path(run_dir) / 'mlflow.db'}",
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """Markdown: per-class Dice table, model sizes, stage times, artifact locations."""
+    models = report["models"]
+    lines = [f"# sam3d-distill report: {report['run']}", ""]
+    if models:
+        classes = list(next(iter(models.values()))["per_class_dice"])
+        cases = next(iter(models.values()))["cases"]
+        lines += [f"## Dice on {cases} held-out validation cases", ""]
+        lines.append("| class | " + " | ".join(models) + " |")
+        lines.append("|---|" + "---:|" * len(models))
+        for c in classes:
+            lines.append(f"| {c} | " + " | ".join(_fmt(m["per_class_dice"].get(c)) for m in models.values()) + " |")
+        for metric in ("dice", "nsd", "hd95"):
+            label = {"dice": "**mean Dice**", "nsd": "mean NSD", "hd95": "mean HD95 (mm)"}[metric]
+            digits = 1 if metric == "hd95" else 3
+            lines.append(f"| {label} | " + " | ".join(_fmt(m["mean"].get(metric), digits) for m in models.values()) + " |")
+        lines += ["", "## Models", "", "| model | λ | parameters | checkpoint MB |", "|---|---:|---:|---:|"]
+        for name, m in models.items():
+            lam = "–" if m["lambda_kd"] is None else f"{m['lambda_kd']:g}"
+            lines.append(f"| {name} | {lam} | {m['params'] / 1e6:.2f} M | {m['file_mb']:.1f} |")
+    if report["students"]:
+        lines += ["", "## Student training", "", "| student | λ | steps | best val Dice | s/step |", "|---|---:|---:|---:|---:|"]
+        for s in report["students"]:
+            lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {s['last_step']} | {_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
+    tune = report.get("tune")
+    if tune:
+        ends = tune.get("endpoints") or {}
+        lines += ["", "## λ search (Optuna)", "",
+                  f"Best λ = {tune['best_lambda']:.3g} (validation Dice {_fmt(tune.get('best_dice'))}); "
+                  f"λ = 0: {_fmt(ends.get('lambda_0'))}; λ = 1: {_fmt(ends.get('lambda_1'))} "
+                  "(short trials; the final students above retrain with the best λ)."]
+    lines += ["", "## Stages", "", "| stage | wall s | | artifact |", "|---|---:|---|---|"]
+    for name, st in report["stages"].items():
+        arts = ", ".join(st["artifacts"].values())
+        lines.append(f"| {name} | {st['wall_seconds']:.1f} | {'skipped (up to date)' if st['skipped'] else 'ran'} | {arts} |")
+    lines += ["", f"Run folder: {report['run_dir']}  ", f"MLflow: {report['mlflow']}  ",
+              f"Bundles: {', '.join(report['bundles'].values()) or 'none'}  ",
+              f"Benchmark: {'none (skipped)' if not report['benchmark'] else ', '.join(report['benchmark'].values())}  ",
+              f"Wall time of this invocation: {report['wall_seconds']:.0f} s", ""]
+    return "\n".join(lines)

@@ -1,0 +1,357 @@
+"""Train one student by knowledge distillation (or, with λ = 0, by plain supervision).
+
+    python -m distill.train --config configs/demo.yaml --student swinunetr_tiny --lambda 0.5 [key=value ...]
+
+Read top to bottom, ``train_student`` is the whole recipe: cases → teacher targets (cache or online
+teacher) → random crops that carry image, label and teacher together → student → KD loss → the shared
+engine ``training.loop.fit`` (AdamW, warm-up then decay, AMP on GPU, validation Dice by sliding window,
+best/last checkpoints, resume after a kill, progress bar, MLflow) → ``student.pt``.
+
+Under ``torchrun`` the engine wraps the model in DDP; every rank draws its own crops (seed + rank) and
+only rank 0 writes checkpoints and MLflow records.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from distill.cache import AttachTeacherd, TeacherCache
+from distill.data_stage import PreparedData
+from distill.loss import KDLoss
+
+MODES = ("cached", "online")
+
+
+class DistillConfigError(ValueError):
+    """A distillation setting that cannot be used; the message names the key and value."""
+
+
+@dataclass
+class StudentResult:
+    """What one student run produced.
+
+    Attributes:
+        name: student architecture name.
+        lambda_kd: λ it was trained with.
+        out_dir: its folder (``best.pt``, ``last.pt``, ``student.pt``).
+        checkpoint: ``student.pt`` (best validation Dice weights, docs/interfaces.md format).
+        best_dice: best validation mean foreground Dice.
+        best_step: step of that validation.
+        last_step: steps trained.
+        seconds_per_step: mean wall seconds per training step.
+        wall_seconds: wall time of the run (0 when it was already finished).
+        params: parameter count.
+        history: the engine's validation history.
+    """
+
+    name: str
+    lambda_kd: float
+    out_dir: str
+    checkpoint: str
+    best_dice: float
+    best_step: int
+    last_step: int
+    seconds_per_step: float
+    wall_seconds: float
+    params: int
+    history: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available (the local rank's GPU under torchrun), else CPU."""
+    import os
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _crop_batches(dataset: Any, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
+    """Endless stream of collated crop batches, reshuffled each pass.
+
+    The loader is built lazily, inside ``fit``, so its shuffling and MONAI's transform seeds come from the
+    global RNG that ``fit`` seeds per rank (``seed + rank``) and restores on resume.
+    """
+    from monai.data import DataLoader, list_data_collate
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= batch_size,
+        num_workers=num_workers,
+        collate_fn=list_data_collate,
+    )
+    while True:
+        yield from loader
+
+
+def validation_dice(model: Callable, cases: Sequence[Mapping[str, Any]], roi_size: Sequence[int], num_classes: int,
+                    overlap: float, device: torch.device) -> dict[str, float]:
+    """Mean foreground Dice of whole-volume sliding-window predictions on preprocessed cases.
+
+    Classes absent from a case's reference are left out of that case's mean (NaN), as in evaluation/.
+
+    Args:
+        model: segmentation network.
+        cases: dicts with ``"image"`` ``1 x X x Y x Z`` and ``"label"`` ``1 x X x Y x Z``.
+        roi_size: sliding-window ROI.
+        num_classes: K.
+        overlap: sliding-window overlap.
+        device: where the model runs.
+
+    Returns:
+        ``{"dice": mean over cases, "dice_<class id>": per class}``.
+    """
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    from evaluation.sliding_window import predict_logits
+
+    per_case = []
+    for case in cases:
+        logits = predict_logits(model, _plain(case["image"]), roi_size, num_classes, overlap=overlap, device=device)
+        pred = torch.as_tensor(logits).argmax(0, keepdim=True)[None].cpu()
+        ref = _plain(case["label"]).long()[None].cpu()
+        dice = compute_dice(one_hot(pred, num_classes), one_hot(ref, num_classes), include_background=False, ignore_empty=True)
+        per_case.append(dice[0].numpy())
+    per_class = np.nanmean(np.stack(per_case), axis=0) if per_case else np.full(num_classes - 1, np.nan)
+    out = {"dice": float(np.nanmean(per_class))}
+    out.update({f"dice_{c + 1}": float(v) for c, v in enumerate(per_class)})
+    return out
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor: MONAI's MetaTensor would route every op of the network through its metadata hooks."""
+    x = torch.as_tensor(x)
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def _preload(items: Sequence[Mapping[str, Any]], transforms: Callable) -> list[dict]:
+    """Run the deterministic preprocessing once per case and keep the results in memory."""
+    from data.transforms import make_dataset
+
+    dataset = make_dataset(list(items), transforms, cache="memory")
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def train_student(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    student_name: str,
+    lambda_kd: float,
+    teacher_ckpt: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    tracker: Any = None,
+    on_validation: Callable[[int, dict], None] | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    steps: int | None = None,
+    data: PreparedData | None = None,
+    progress: bool = True,
+) -> StudentResult:
+    """Train one student with ``L = λ·MSE(student, teacher) + (1−λ)·DiceCE(student, label)``.
+
+    Args:
+        cfg: run config (``run``, ``student``, ``distill``, ``evaluation``, ``data`` are read).
+        run_dir: the pipeline's run folder; ``run_dir/data/data.json`` is read unless ``data`` is given.
+        student_name: a name of ``student.STUDENTS`` (e.g. ``swinunetr_tiny``).
+        lambda_kd: λ in [0, 1]; 0 trains without any teacher.
+        teacher_ckpt: teacher checkpoint; needed when λ > 0 in online mode.
+        cache_dir: a teacher cache folder (``distill.cache``); needed when λ > 0 in cached mode.
+        tracker: a ``training.tracking.Tracker`` (MLflow) or None.
+        on_validation: ``(step, metrics)`` callback after each validation (Optuna pruning raises from it).
+        out_dir: where checkpoints go; default ``run_dir/students/<name>`` (``<name>_lambda0`` for λ = 0).
+        steps: overrides ``distill.steps`` (the step budget of a tuning trial).
+        data: prepared data, instead of reading it from ``run_dir``.
+        progress: show the progress bar.
+
+    Returns:
+        A ``StudentResult``; its ``checkpoint`` is ``student.pt`` holding the best validation weights.
+    """
+    from data.transforms import load_transforms, random_crop_transforms
+    from monai.transforms import Compose
+    from student import build_student, check_roi, count_params, save_student
+    from training.checkpoint import load_checkpoint
+    from training.loop import fit
+
+    run_dir = Path(run_dir)
+    dcfg, scfg = cfg["distill"], cfg["student"]
+    lambda_kd = float(lambda_kd)
+    mode = str(dcfg.get("mode", "cached"))
+    if mode not in MODES:
+        raise DistillConfigError(f"distill.mode must be one of {MODES}, got {mode!r}")
+    data = data or PreparedData.load(run_dir / "data" / "data.json")
+    num_classes = data.num_classes
+    roi_size = [int(s) for s in scfg["roi_size"]]
+    check_roi(student_name, roi_size)
+    device = resolve_device(str(cfg.get("run", {}).get("device", "auto")))
+    seed = int(cfg.get("run", {}).get("seed", 0))
+    torch.manual_seed(seed)
+    if out_dir is None:
+        out_dir = run_dir / "students" / (student_name if lambda_kd > 0 else f"{student_name}_lambda0")
+    out_dir = Path(out_dir)
+
+    uses_teacher = lambda_kd > 0
+    cache = teacher = None
+    if uses_teacher and mode == "cached":
+        if cache_dir is None:
+            raise DistillConfigError(f"lambda_kd={lambda_kd} in cached mode needs cache_dir (build it with distill.cache)")
+        cache = TeacherCache(cache_dir)
+        if cache.num_classes != num_classes:
+            raise DistillConfigError(f"{cache_dir}: cache has {cache.num_classes} classes, data has {num_classes}")
+    elif uses_teacher:
+        if teacher_ckpt is None:
+            raise DistillConfigError(f"lambda_kd={lambda_kd} in online mode needs teacher_ckpt")
+        from teacher.checkpoint import load_teacher
+
+        teacher, _ = load_teacher(teacher_ckpt, device=device)
+        teacher.eval().requires_grad_(False)
+
+    # Unlabelled cases can only be learnt from the teacher's cached targets: the KD term alone.
+    labelled = [{**c, "has_label": True} for c in data.train]
+    unlabelled = [{**c, "has_label": False} for c in data.unlabelled] if (cache is not None and cfg["data"].get("use_unlabeled", True)) else []
+    cases = _preload(labelled, load_transforms(data.preprocess, keys=("image", "label")))
+    if unlabelled:
+        cases += _preload(unlabelled, load_transforms(data.preprocess, keys=("image",)))
+    val_cases = _preload(data.val, load_transforms(data.preprocess, keys=("image", "label")))
+
+    extra_keys = ("teacher",) if cache is not None else ()
+    random_part = random_crop_transforms(
+        roi_size, num_classes, keys=("image", "label"), extra_keys=extra_keys, num_samples=int(dcfg.get("crops_per_case", 1))
+    )
+    chain = ([AttachTeacherd(cache)] if cache is not None else []) + [random_part]
+    from monai.data import Dataset
+
+    crops = Dataset(cases, transform=Compose(chain))
+    batches = _crop_batches(crops, int(dcfg["batch_size"]), int(dcfg.get("num_workers", 0)))
+
+    kd_loss = KDLoss(lambda_kd, kd_target=str(dcfg.get("kd_target", "logits")),
+                     temperature=float(dcfg.get("temperature", 1.0)), num_classes=num_classes)
+
+    def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        image = _plain(batch["image"]).to(device, non_blocking=True)
+        label = _plain(batch["label"]).to(device, non_blocking=True).long()
+        has_label = torch.as_tensor(batch.get("has_label", torch.ones(image.shape[0]))).to(device).bool()
+        student_logits = model(image)
+        teacher_logits = None
+        if cache is not None:
+            teacher_logits = _plain(batch["teacher"]).to(device, non_blocking=True)
+        elif teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(image).float()
+        return kd_loss(student_logits.float(), teacher_logits, label, has_label)
+
+    overlap = float(cfg.get("evaluation", {}).get("overlap", 0.25))
+
+    def val_fn(model: torch.nn.Module) -> dict[str, float]:
+        return validation_dice(model, val_cases, roi_size, num_classes, overlap, device)
+
+    model = build_student(student_name, num_classes).to(device)
+    settings = _train_settings(dcfg, steps, seed, progress)
+    meta = {
+        "arch": {"name": student_name, "num_classes": num_classes, "in_channels": 1},
+        "roi_size": roi_size,
+        "preprocess": data.preprocess,
+        "labels": data.labels,
+        "lambda_kd": lambda_kd,
+        "distill_mode": mode if uses_teacher else "supervised",
+        "config": dict(cfg),
+    }
+    if progress:
+        print(f"[student] {student_name} λ={lambda_kd} ({meta['distill_mode']}): {len(labelled)} labelled + "
+              f"{len(unlabelled)} unlabelled cases, {settings.steps} steps, batch {dcfg['batch_size']} of {roi_size}, "
+              f"{count_params(model) / 1e6:.2f}M params, device {device} -> {out_dir}")
+    result = fit(model, loss_fn, batches, settings, out_dir, val_fn=val_fn, extra_meta=meta,
+                 on_validation=on_validation, tracker=tracker, device=device)
+    student_ckpt = out_dir / "student.pt"
+    if result.best_path is None:
+        raise DistillConfigError(f"{out_dir}: training ended without a validated best checkpoint")
+    if _rank() == 0:
+        best = load_checkpoint(result.best_path)
+        model_cpu = build_student(student_name, num_classes)
+        model_cpu.load_state_dict(best["model"])
+        save_student(student_ckpt, model_cpu, {**meta, "step": int(result.best_step), "best_dice": float(result.best_metric)})
+    return StudentResult(
+        name=student_name,
+        lambda_kd=lambda_kd,
+        out_dir=str(out_dir),
+        checkpoint=str(student_ckpt),
+        best_dice=float(result.best_metric),
+        best_step=int(result.best_step),
+        last_step=int(result.last_step),
+        seconds_per_step=float(result.s_per_step or math.nan),
+        wall_seconds=float(result.wall_s),
+        params=count_params(model),
+        history=list(result.history),
+    )
+
+
+def _train_settings(dcfg: Mapping[str, Any], steps: int | None, seed: int, progress: bool = True) -> Any:
+    """The engine's settings from the ``distill`` section, with an optional step budget override."""
+    from training.loop import TrainSettings
+
+    section = dict(dcfg)
+    if steps is not None:
+        section["steps"] = int(steps)
+        section["val_every"] = min(int(section.get("val_every", steps)), int(steps))
+    section.setdefault("schedule", "poly")
+    return TrainSettings.from_config(section, seed=seed, progress=progress)
+
+
+def main(argv: Sequence[str] | None = None) -> StudentResult:
+    """Command line: train one student in ``runs/<run.name>`` (data and teacher stages as the pipeline runs them)."""
+    from configs import load_config
+    from distill.pipeline import Pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--student", default=None, help="student name (default: the first of student.names)")
+    parser.add_argument("--lambda", dest="lambda_kd", type=float, default=None, help="λ (default: distill.lambda_kd)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<run.name>)")
+    parser.add_argument("--teacher", default=None, help="a trained teacher.pt (sets teacher.checkpoint_file)")
+    parser.add_argument("--steps", type=int, default=None, help="step budget (default: distill.steps)")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config, args.overrides)
+    if args.teacher:
+        cfg["teacher"]["checkpoint_file"] = args.teacher
+    name = args.student or cfg["student"]["names"][0]
+    lambda_kd = float(cfg["distill"]["lambda_kd"] if args.lambda_kd is None else args.lambda_kd)
+    from training.distributed import cleanup, is_main_process
+
+    pipeline = Pipeline(cfg, out_dir=args.out, tracking_uri=args.tracking_uri)  # joins torchrun's process group
+    with pipeline.tracking():
+        pipeline.stage_data()
+        cache_dir = teacher_ckpt = None
+        if lambda_kd > 0:
+            teacher_ckpt = pipeline.stage_teacher()
+            if cfg["distill"].get("mode", "cached") == "cached":
+                cache_dir = pipeline.stage_cache(teacher_ckpt)
+        result = pipeline.stage_student(name, lambda_kd, teacher_ckpt, cache_dir, steps=args.steps)
+    if is_main_process():
+        print(f"[student] best validation Dice {result.best_dice:.3f} at step {result.best_step}; {result.checkpoint}")
+    cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,794 @@
+"""Optuna search for λ: pruned, resumable, tracked in MLflow, shared by any number of workers.
+
+    python -m distill.tune --config configs/demo.yaml [--run-dir runs/demo] [--storage URL] [--study NAME]
+                           [--trials N] [--create | --worker] [--tracking-uri URI] [--cache DIR] [key=value ...]
+
+Each trial distils a student for ``tune.steps_per_trial`` steps at a suggested λ (optionally also the KD
+temperature, the learning rate and, in multi-objective mode, the student size), reports the validation
+Dice at every validation (``trial.report``) and is stopped early by a median or Hyperband pruner. The first
+two trials are always λ = 0 (plain supervision) and λ = 1 (pure KD), so both ends of the range are measured.
+
+Decisions (docs/tuning.md has the reasoning):
+- λ = 0 on a log scale: ``tune.lambda_space: log`` samples λ log-uniformly on ``[tune.lambda_min, 1]``;
+  λ = 0 is at −∞ there, so it is the enqueued first trial, shown to the sampler as ``lambda_min`` (the
+  nearest point of the space) and trained with λ = 0 exactly. The λ a trial really used is always the
+  trial's user attribute ``lambda_kd``; plots and summaries read that one.
+- The result is the best λ, and the pipeline trains the final student with it for the full
+  ``distill.steps``: trials are short and under-trained, so a trial's own student is not the deliverable.
+  Its checkpoint is still reported (``best_checkpoint``).
+- Storage: ``sqlite:///<run_dir>/optuna.db`` unless ``--storage``/``tune.storage`` names another (e.g.
+  ``postgresql://``). The study is created with ``load_if_exists``; a rerun counts the finished (complete or
+  pruned) trials toward ``tune.trials`` and runs only what is missing. Trials heartbeat into the storage; a
+  trial whose process was killed goes stale after ``tune.grace_s`` seconds, is marked FAIL and re-queued
+  with the same parameters (up to ``tune.max_retry`` times); the retry trains in the original trial's folder
+  ``run_dir/tune/trial_<n>/`` and so resumes from its ``last.pt``. A trial that raises is recorded FAIL too.
+- Several workers: ``--create`` creates the study (and the MLflow tuning run) once; every ``--worker``
+  process, on this or another machine, then loads it and takes trials until the study holds ``tune.trials``
+  finished ones. Without either flag the command creates, works and then writes the summary and plots.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from configs import config_hash
+from data.atomic import write_json_atomic
+from distill.data_stage import PreparedData
+
+LAMBDA_SPACES = ("uniform", "log")
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = (("dice",), ("dice", "latency"))
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Study user attributes written by the create step and read by every worker.
+ATTR_SPACE, ATTR_TARGET, ATTR_CACHE, ATTR_TEACHER = "search_space", "target_trials", "cache_dir", "teacher_ckpt"
+
+DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "trials": 6,
+    "steps_per_trial": 40,
+    "report_every": 10,
+    "lambda_space": "uniform",
+    "lambda_min": 1.0e-3,
+    "search_temperature": False,
+    "temperature_range": [1.0, 4.0],
+    "search_lr": False,
+    "lr_range": [3.0e-4, 3.0e-3],
+    "pruner": "median",
+    "pruner_startup_trials": 2,
+    "pruner_warmup_steps": 0,
+    "storage": None,
+    "study_name": None,
+    "objectives": ["dice"],
+    "students": None,
+    "heartbeat_s": 30,
+    "grace_s": 120,
+    "max_retry": 2,
+    "max_consecutive_failures": 3,
+    "latency_repeats": 10,
+}
+
+
+class TuneError(ValueError):
+    """A tuning setting, study or storage that cannot be used; the message names the key, study or URL."""
+
+
+class SurplusTrialError(TuneError):
+    """This trial would exceed the study's target count (two workers asked at the same moment)."""
+
+
+@dataclass
+class TuneSettings:
+    """The ``tune:`` section of a config, checked (defaults in ``DEFAULTS``; docs/tuning.md explains each)."""
+
+    enabled: bool
+    trials: int
+    steps_per_trial: int
+    report_every: int
+    lambda_space: str
+    lambda_min: float
+    search_temperature: bool
+    temperature_range: list
+    search_lr: bool
+    lr_range: list
+    pruner: str
+    pruner_startup_trials: int
+    pruner_warmup_steps: int
+    storage: str | None
+    study_name: str | None
+    objectives: list
+    students: list | None
+    heartbeat_s: int
+    grace_s: int
+    max_retry: int
+    max_consecutive_failures: int
+    latency_repeats: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "TuneSettings":
+        """Read and check ``cfg["tune"]`` (missing keys take ``DEFAULTS``).
+
+        Args:
+            cfg: the run config.
+        """
+        section = dict(cfg.get("tune") or {})
+        unknown = sorted(set(section) - set(DEFAULTS))
+        if unknown:
+            raise TuneError(f"tune: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
+        s = cls(**{**DEFAULTS, **section})
+        for key in ("trials", "steps_per_trial", "report_every", "heartbeat_s", "grace_s", "latency_repeats",
+                    "max_consecutive_failures"):
+            if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
+                raise TuneError(f"tune.{key} must be an integer >= 1, got {getattr(s, key)!r}")
+        for key in ("pruner_startup_trials", "pruner_warmup_steps", "max_retry"):
+            if not isinstance(getattr(s, key), int) or getattr(s, key) < 0:
+                raise TuneError(f"tune.{key} must be an integer >= 0, got {getattr(s, key)!r}")
+        if s.report_every > s.steps_per_trial:
+            raise TuneError(f"tune.report_every={s.report_every} exceeds tune.steps_per_trial={s.steps_per_trial}")
+        if s.grace_s <= s.heartbeat_s:
+            raise TuneError(f"tune.grace_s={s.grace_s} must exceed tune.heartbeat_s={s.heartbeat_s} "
+                            "(a live trial would be declared stale between two heartbeats)")
+        if s.lambda_space not in LAMBDA_SPACES:
+            raise TuneError(f"tune.lambda_space must be one of {LAMBDA_SPACES}, got {s.lambda_space!r}")
+        if not 0.0 < float(s.lambda_min) < 1.0:
+            raise TuneError(f"tune.lambda_min must be in (0, 1), got {s.lambda_min!r}")
+        s.lambda_min = float(s.lambda_min)
+        if s.pruner not in PRUNERS:
+            raise TuneError(f"tune.pruner must be one of {PRUNERS}, got {s.pruner!r}")
+        if tuple(s.objectives) not in OBJECTIVES:
+            raise TuneError(f"tune.objectives must be one of {[list(o) for o in OBJECTIVES]}, got {s.objectives!r}")
+        s.objectives = list(s.objectives)
+        for key in ("temperature_range", "lr_range"):
+            lo_hi = getattr(s, key)
+            if (not isinstance(lo_hi, (list, tuple)) or len(lo_hi) != 2
+                    or not 0.0 < float(lo_hi[0]) < float(lo_hi[1])):
+                raise TuneError(f"tune.{key} must be [low, high] with 0 < low < high, got {lo_hi!r}")
+            setattr(s, key, [float(lo_hi[0]), float(lo_hi[1])])
+        if s.search_temperature and str(cfg.get("distill", {}).get("kd_target", "logits")) != "probs":
+            raise TuneError("tune.search_temperature=true needs distill.kd_target=probs "
+                            "(the logit form of the KD loss has no temperature)")
+        if s.students is not None and (not isinstance(s.students, (list, tuple)) or not s.students):
+            raise TuneError(f"tune.students must be a non-empty list of student names or null, got {s.students!r}")
+        return s
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.objectives == ["dice", "latency"]
+
+
+def student_names(cfg: Mapping[str, Any], settings: TuneSettings) -> list[str]:
+    """Students a study searches: ``tune.students``, else ``student.names`` (single objective: the first)."""
+    names = list(settings.students or cfg["student"]["names"])
+    return names if settings.multi_objective else names[:1]
+
+
+def search_space(cfg: Mapping[str, Any], settings: TuneSettings) -> dict:
+    """What makes two trials comparable; stored in the study and checked when it is loaded again."""
+    space = {
+        "objectives": settings.objectives,
+        "lambda_space": settings.lambda_space,
+        "lambda_min": settings.lambda_min if settings.lambda_space == "log" else None,
+        "temperature_range": settings.temperature_range if settings.search_temperature else None,
+        "lr_range": settings.lr_range if settings.search_lr else None,
+        "students": student_names(cfg, settings),
+        "steps_per_trial": settings.steps_per_trial,
+        "report_every": settings.report_every,
+        "roi_size": list(cfg["student"]["roi_size"]),
+    }
+    return {**space, "hash": config_hash(space)}
+
+
+def default_study_name(cfg: Mapping[str, Any], settings: TuneSettings) -> str:
+    return f"{cfg['run']['name']}-{'pareto' if settings.multi_objective else 'lambda'}"
+
+
+def default_storage(run_dir: str | Path) -> str:
+    """``sqlite:///<absolute run_dir>/optuna.db``."""
+    return f"sqlite:///{(Path(run_dir).resolve() / 'optuna.db').as_posix()}"
+
+
+def masked_url(url: str) -> str:
+    """A storage URL with its password hidden, for logs and MLflow params."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL; nothing to hide
+        return url
+
+
+def open_storage(url: str, settings: TuneSettings) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats, so that a killed worker's trial is failed and re-queued.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///...``, ``postgresql://user:pw@host:port/db``).
+        settings: heartbeat interval, grace period and retry count.
+    """
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    # A worker blocks rather than fails when another process holds the SQLite write lock.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=settings.heartbeat_s,
+                grace_period=settings.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=settings.max_retry, inherit_intermediate_values=True),
+            )
+        except Exception as exc:
+            raise TuneError(f"cannot open Optuna storage {masked_url(url)}: {type(exc).__name__}: {exc}") from exc
+
+
+def build_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
+    """Median (stop a trial below the median of earlier trials at the same step) or Hyperband."""
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials,
+                                           n_warmup_steps=settings.pruner_warmup_steps)
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=settings.report_every, max_resource=settings.steps_per_trial,
+                                              reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _sampler(seed: int | None) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _directions(settings: TuneSettings) -> list[str]:
+    return ["maximize", "minimize"] if settings.multi_objective else ["maximize"]
+
+
+def create_tuning_study(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    storage: str | None = None,
+    study_name: str | None = None,
+    trials: int | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    teacher_ckpt: str | Path | None = None,
+    tracker: Any = None,
+) -> optuna.Study:
+    """Create the study once (or load it), record its target and inputs, and enqueue λ = 0 and λ = 1.
+
+    Run before the workers start. Loading an existing study checks that its search space is the one this
+    config describes, so a changed config never silently mixes incomparable trials.
+
+    Args:
+        cfg: run config (``tune``, ``student``, ``run`` are read).
+        run_dir: run folder (default SQLite storage, trial folders).
+        storage: storage URL; default ``tune.storage`` or ``sqlite:///<run_dir>/optuna.db``.
+        study_name: default ``tune.study_name`` or ``<run.name>-lambda`` (``-pareto`` when multi-objective).
+        trials: target number of finished trials; default ``tune.trials``.
+        cache_dir: teacher cache the workers read (recorded in the study).
+        teacher_ckpt: teacher checkpoint (online mode; recorded in the study).
+        tracker: a ``training.tracking.Tracker``; the MLflow tuning run is created here, once.
+    """
+    settings = TuneSettings.from_config(cfg)
+    url = storage or settings.storage or default_storage(run_dir)
+    name = study_name or settings.study_name or default_study_name(cfg, settings)
+    study = optuna.create_study(storage=open_storage(url, settings), study_name=name, load_if_exists=True,
+                                directions=_directions(settings), pruner=build_pruner(settings),
+                                sampler=_sampler(int(cfg["run"].get("seed", 0))))
+    space = search_space(cfg, settings)
+    saved = study.user_attrs.get(ATTR_SPACE)
+    if saved is not None and saved.get("hash") != space["hash"]:
+        raise TuneError(f"study {name!r} in {masked_url(url)} was created for another search space "
+                        f"({_space_diff(saved, space)}); use another --study name or storage")
+    if [d.name.lower() for d in study.directions] != _directions(settings):
+        raise TuneError(f"study {name!r} in {masked_url(url)} optimises {[d.name for d in study.directions]}, "
+                        f"the config asks for {settings.objectives}; use another --study name")
+    if saved is None:
+        study.set_user_attr(ATTR_SPACE, space)
+        names = student_names(cfg, settings)
+        low = settings.lambda_min if settings.lambda_space == "log" else 0.0
+        for lam, exact in ((low, 0.0), (1.0, 1.0)):
+            params: dict[str, Any] = {"lambda_kd": lam}
+            if settings.multi_objective:
+                params["student"] = names[0]
+            study.enqueue_trial(params, user_attrs={"lambda_kd": exact})
+    study.set_user_attr(ATTR_TARGET, int(trials or settings.trials))
+    if cache_dir is not None:
+        study.set_user_attr(ATTR_CACHE, str(Path(cache_dir).resolve()))
+    if teacher_ckpt is not None:
+        study.set_user_attr(ATTR_TEACHER, str(Path(teacher_ckpt).resolve()))
+    if tracker is not None:
+        with _tuning_run(tracker, name):
+            tracker.log_params({"study": name, "storage": masked_url(url), "target_trials": int(trials or settings.trials),
+                                "search_space": json.dumps({k: v for k, v in space.items() if k != "hash"})})
+    return study
+
+
+def load_tuning_study(cfg: Mapping[str, Any], run_dir: str | Path, storage: str | None = None,
+                      study_name: str | None = None, seed: int | None = None) -> optuna.Study:
+    """Load a study made by :func:`create_tuning_study` (a worker's view of it).
+
+    Args:
+        cfg: run config.
+        run_dir: run folder (for the default storage).
+        storage: storage URL.
+        study_name: study name.
+        seed: sampler seed; None for workers, whose samplers must not all suggest the same λ.
+    """
+    settings = TuneSettings.from_config(cfg)
+    url = storage or settings.storage or default_storage(run_dir)
+    name = study_name or settings.study_name or default_study_name(cfg, settings)
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(url, settings), pruner=build_pruner(settings),
+                                  sampler=_sampler(seed))
+    except KeyError as exc:
+        raise TuneError(f"no study {name!r} in {masked_url(url)}; create it first: "
+                        f"python -m distill.tune --create --storage URL --study {name}") from exc
+    saved = study.user_attrs.get(ATTR_SPACE)
+    space = search_space(cfg, settings)
+    if saved is None or saved.get("hash") != space["hash"]:
+        raise TuneError(f"study {name!r} in {masked_url(url)} was created for another search space "
+                        f"({_space_diff(saved or {}, space)}); workers must use the creator's config")
+    return study
+
+
+def _space_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    keys = sorted(k for k in set(saved) | set(now) if k != "hash" and saved.get(k) != now.get(k))
+    return "; ".join(f"{k}: study {saved.get(k)!r} vs config {now.get(k)!r}" for k in keys) or "unknown difference"
+
+
+@contextlib.contextmanager
+def _tuning_run(tracker: Any, study_name: str) -> Iterator[None]:
+    """The one MLflow run of a study (created by the first caller, reopened by every later one)."""
+    with tracker.start_run(f"tune {study_name}", nested=True, resume_key=f"tune:{study_name}",
+                           tags={"sam3d.stage": "tune", "optuna.study": study_name}):
+        yield
+
+
+@dataclass
+class StudyCounts:
+    """Trials of a study by state."""
+
+    finished: int = 0
+    running: int = 0
+    waiting: int = 0
+    failed: int = 0
+    by_state: dict = field(default_factory=dict)
+
+
+def count_trials(study: optuna.Study) -> StudyCounts:
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    return StudyCounts(
+        finished=by_state["COMPLETE"] + by_state["PRUNED"],
+        running=by_state["RUNNING"],
+        waiting=by_state["WAITING"],
+        failed=by_state["FAIL"],
+        by_state=by_state,
+    )
+
+
+class TrialObjective:
+    """One trial: suggest, distil a student for the trial's step budget, report, prune, return Dice.
+
+    Args:
+        cfg: run config.
+        run_dir: run folder; trials train in ``run_dir/tune/trial_<n>/``.
+        data: prepared data.
+        cache_dir: teacher cache (cached mode).
+        teacher_ckpt: teacher checkpoint (online mode).
+        tracker: MLflow tracker inside the tuning run, or None.
+        target: the study's target number of finished trials.
+        latency_ms: ``student name -> p50 ms`` (multi-objective mode).
+        log: progress lines.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], run_dir: str | Path, data: PreparedData, cache_dir: str | Path | None,
+                 teacher_ckpt: str | Path | None, tracker: Any, target: int,
+                 latency_ms: Callable[[str], float] | None = None, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
+        self.cache_dir, self.teacher_ckpt, self.tracker = cache_dir, teacher_ckpt, tracker
+        self.settings = TuneSettings.from_config(cfg)
+        self.target, self.latency_ms, self.log = int(target), latency_ms, log
+        self.students = student_names(cfg, self.settings)
+        self.last_trial_number: int | None = None
+        if self.settings.multi_objective and latency_ms is None:
+            raise TuneError("tune.objectives [dice, latency] needs a latency function")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """The trial's hyper-parameters as trained (λ = 0 for the enqueued endpoint of a log space)."""
+        s = self.settings
+        if s.lambda_space == "log":
+            suggested = trial.suggest_float("lambda_kd", s.lambda_min, 1.0, log=True)
+        else:
+            suggested = trial.suggest_float("lambda_kd", 0.0, 1.0)
+        exact = trial.user_attrs.get("lambda_kd")  # set on the enqueued endpoints and their retries
+        params: dict[str, Any] = {"lambda_kd": float(suggested if exact is None else exact)}
+        params["student"] = trial.suggest_categorical("student", self.students) if s.multi_objective else self.students[0]
+        if s.search_temperature:
+            params["temperature"] = trial.suggest_float("temperature", *s.temperature_range)
+        if s.search_lr:
+            params["lr"] = trial.suggest_float("lr", *s.lr_range, log=True)
+        return params
+
+    def trial_config(self, params: Mapping[str, Any]) -> dict:
+        """The run config with the trial's λ, temperature, lr and validation interval."""
+        distill = dict(self.cfg["distill"])
+        distill["lambda_kd"] = params["lambda_kd"]
+        distill["val_every"] = self.settings.report_every
+        for key in ("temperature", "lr"):
+            if key in params:
+                distill[key] = params[key]
+        return {**self.cfg, "distill": distill}
+
+    def check_not_surplus(self, trial: optuna.Trial, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+        """Refuse a trial that two workers' simultaneous asks made one too many."""
+        # Trials ahead of this one: finished, or running/queued with a lower number (queued trials are
+        # taken lowest number first, so a higher-numbered one would run after this one).
+        ahead = sum(1 for t in trials if t.state in FINISHED or (
+            t.number < trial.number and t.state in (TrialState.RUNNING, TrialState.WAITING)))
+        if ahead >= self.target:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrialError(f"trial {trial.number}: the study already has {ahead} finished or earlier "
+                                    f"running trials for a target of {self.target}")
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        from distill.train import train_student
+        from training.tracking import Tracker
+
+        self.last_trial_number = trial.number
+        trials = trial.study.get_trials(deepcopy=False)
+        self.check_not_surplus(trial, trials)
+        frozen = next(t for t in trials if t.number == trial.number)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        params = self.suggest(trial)
+        for key, value in params.items():
+            trial.set_user_attr(key, value)
+        folder = origin if origin is not None else trial.number
+        out_dir = self.run_dir / "tune" / f"trial_{folder:03d}"
+        trial.set_user_attr("out_dir", str(out_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        multi = self.settings.multi_objective
+        best = {"dice": -math.inf}
+
+        def on_validation(step: int, metrics: Mapping[str, float]) -> None:
+            dice = float(metrics["dice"])
+            if dice > best["dice"]:
+                best["dice"] = dice
+                trial.set_user_attr("best_dice", dice)
+            trial.set_user_attr("last_step", int(step))
+            if multi:  # Optuna cannot prune multi-objective trials
+                return
+            trial.report(dice, int(step))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"trial {trial.number}: Dice {dice:.4f} at step {step} is below the pruner's bar")
+
+        tracker = self.tracker or Tracker(self.run_dir, enabled=False)
+        study_name = trial.study.study_name
+        lam, student = params["lambda_kd"], params["student"]
+        self.log(f"[tune] trial {trial.number}: λ={lam:.4g} {student}"
+                 + (f" (retry of trial {origin})" if origin is not None else "") + f" -> {out_dir}")
+        tags = {"optuna.study": study_name, "optuna.trial": str(trial.number)}
+        if origin is not None:
+            tags["optuna.retry_of"] = str(origin)
+        with tracker.start_run(f"trial {trial.number} λ={lam:.3g}", nested=True,
+                               resume_key=f"tune:{study_name}:trial:{trial.number}", tags=tags):
+            tracker.log_params({"trial": trial.number, **params, "out_dir": str(out_dir)})
+            uses_teacher = lam > 0
+            result = train_student(
+                self.trial_config(params), self.run_dir, student, lam,
+                teacher_ckpt=self.teacher_ckpt if uses_teacher else None,
+                cache_dir=self.cache_dir if uses_teacher else None,
+                tracker=tracker, on_validation=on_validation, out_dir=out_dir,
+                steps=self.settings.steps_per_trial, data=self.data, progress=False,
+            )
+            trial.set_user_attr("best_dice", float(result.best_dice))
+            trial.set_user_attr("checkpoint", result.checkpoint)
+            trial.set_user_attr("seconds_per_step", float(result.seconds_per_step))
+            outcome = {"tune/dice": float(result.best_dice)}
+            if multi:
+                latency = float(self.latency_ms(student))
+                trial.set_user_attr("latency_ms", latency)
+                outcome["tune/latency_ms"] = latency
+            tracker.log_metrics(outcome, step=result.last_step)
+        self.log(f"[tune] trial {trial.number}: Dice {result.best_dice:.4f}"
+                 + (f", latency {outcome['tune/latency_ms']:.1f} ms" if multi else ""))
+        return (float(result.best_dice), outcome["tune/latency_ms"]) if multi else float(result.best_dice)
+
+
+def run_worker(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    data: PreparedData,
+    cache_dir: str | Path | None,
+    teacher_ckpt: str | Path | None,
+    tracker: Any = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    *,
+    study: optuna.Study | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Take trials of an existing study until it holds its target number of finished trials.
+
+    Any number of workers may run this at once on the same storage. A worker waits (polling every
+    ``tune.heartbeat_s``) while the remaining trials are running elsewhere, so that it can take over a trial
+    whose worker died (failed by heartbeat and re-queued).
+
+    Args:
+        cfg: run config (the creator's).
+        run_dir: run folder (trial folders, default storage).
+        data: prepared data.
+        cache_dir: teacher cache folder (cached mode, λ > 0).
+        teacher_ckpt: teacher checkpoint (online mode, λ > 0).
+        tracker: MLflow tracker, or None.
+        storage: storage URL (when ``study`` is not given).
+        study_name: study name (when ``study`` is not given).
+        study: an already loaded study.
+        log: progress lines.
+
+    Returns:
+        The number of trials this worker ran (failed ones included).
+    """
+    settings = TuneSettings.from_config(cfg)
+    study = study or load_tuning_study(cfg, run_dir, storage, study_name)
+    target = int(study.user_attrs.get(ATTR_TARGET, settings.trials))
+    latency = None
+    if settings.multi_objective:
+        from distill.tune_latency import StudentLatency
+
+        latency = StudentLatency(Path(run_dir) / "tune" / "latency", data.num_classes, cfg["student"]["roi_size"],
+                                 threads=int(cfg["run"].get("threads") or 1), repeats=settings.latency_repeats)
+    objective = TrialObjective(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, target, latency, log)
+    ran, failures_in_a_row = 0, 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        counts = count_trials(study)
+        if counts.finished >= target:
+            break
+        if counts.finished + counts.running >= target:
+            time.sleep(settings.heartbeat_s)  # the rest is in other hands; take over if one of them dies
+            continue
+        objective.last_trial_number = None
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        ran += 1
+        last = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.last_trial_number), None)
+        if last is not None and last.state == TrialState.FAIL:
+            if last.user_attrs.get("surplus"):
+                continue
+            failures_in_a_row += 1
+            reason = last.system_attrs.get("fail_reason", "see the log above")
+            log(f"[tune] trial {last.number} failed: {reason}")
+            if failures_in_a_row >= settings.max_consecutive_failures:
+                raise TuneError(f"study {study.study_name!r}: {failures_in_a_row} trials in a row failed; last: {reason}")
+        else:
+            failures_in_a_row = 0
+    return ran
+
+
+def tune_lambda(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    data: PreparedData,
+    cache_dir: str | Path | None,
+    teacher_ckpt: str | Path | None,
+    tracker: Any,
+    storage: str | None = None,
+    *,
+    study_name: str | None = None,
+    trials: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The pipeline's tuning stage: create (or resume) the study, run trials to the target, summarise.
+
+    Args:
+        cfg: run config.
+        run_dir: run folder; writes ``optuna.db`` (default storage), ``tune/trial_<n>/`` and ``tune/summary.json``,
+            ``tune/trials.csv``, ``tune/dice_vs_lambda.png``, ``tune/history.png`` (and ``tune/pareto.csv|png``).
+        data: prepared data.
+        cache_dir: teacher cache (cached mode).
+        teacher_ckpt: teacher checkpoint (online mode).
+        tracker: MLflow tracker (the tuning run nests under its open run), or None.
+        storage: storage URL; default ``tune.storage`` or SQLite in ``run_dir``.
+        study_name: default ``tune.study_name`` or ``<run.name>-lambda``.
+        trials: target finished trials; default ``tune.trials``.
+        log: progress lines.
+
+    Returns:
+        The summary (:func:`summarize_study`): ``best_lambda``, ``best_dice``, ``best_trial``, ``best_params``,
+        ``best_checkpoint``, ``endpoints`` (Dice at λ = 0 and λ = 1), trial counts, artifact paths, and in
+        multi-objective mode the Pareto front.
+    """
+    study = create_tuning_study(cfg, run_dir, storage, study_name, trials, cache_dir=cache_dir,
+                                teacher_ckpt=teacher_ckpt)
+    tracker = tracker if tracker is not None else _disabled_tracker(run_dir)
+    with _tuning_run(tracker, study.study_name):
+        ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study, log=log)
+        summary = summarize_study(study, run_dir, tracker)
+    summary["trials_run_now"] = ran
+    log(f"[tune] study {study.study_name}: best λ={summary['best_lambda']:.4g} (trial {summary['best_trial']}, "
+        f"Dice {summary['best_dice']:.4f}); λ=0: {_fmt(summary['endpoints']['lambda_0'])}, "
+        f"λ=1: {_fmt(summary['endpoints']['lambda_1'])}")
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _disabled_tracker(run_dir: str | Path) -> Any:
+    from training.tracking import Tracker
+
+    return Tracker(run_dir, enabled=False)
+
+
+def summarize_study(study: optuna.Study, run_dir: str | Path, tracker: Any = None) -> dict:
+    """Tables, plots and the best trial of a study; written under ``run_dir/tune/`` and logged to MLflow.
+
+    Args:
+        study: the study.
+        run_dir: run folder.
+        tracker: MLflow tracker inside the tuning run, or None.
+    """
+    from distill.tune_plots import plot_dice_vs_lambda, plot_history, trial_rows, write_trials_csv
+
+    out = Path(run_dir) / "tune"
+    rows = trial_rows(study)
+    multi = len(study.directions) == 2
+    scored = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and r["dice"] is not None]
+    if not any(r["state"] == "COMPLETE" for r in scored):
+        raise TuneError(f"study {study.study_name!r} has no completed trial to summarise "
+                        f"({count_trials(study).by_state})")
+    artifacts = {
+        "trials_csv": write_trials_csv(rows, out / "trials.csv"),
+        "dice_vs_lambda": plot_dice_vs_lambda(rows, out / "dice_vs_lambda.png", title=study.study_name),
+        "history": plot_history(rows, out / "history.png", title=study.study_name),
+    }
+    pareto: list[dict] = []
+    if multi:
+        from distill.pareto import pareto_front, plot_pareto, write_pareto_csv
+
+        pareto = pareto_front(rows)
+        artifacts["pareto_csv"] = write_pareto_csv(pareto, out / "pareto.csv")
+        artifacts["pareto_png"] = plot_pareto(rows, pareto, out / "pareto.png", title=study.study_name)
+        best = max(pareto, key=lambda r: r["dice"])  # the most accurate point of the front
+    else:
+        best = max((r for r in scored if r["state"] == "COMPLETE"), key=lambda r: r["dice"])
+
+    def endpoint(lam: float) -> float | None:
+        found = [r["dice"] for r in scored if r["lambda_kd"] == lam]
+        return max(found) if found else None
+
+    counts = count_trials(study)
+    summary = {
+        "study": study.study_name,
+        "objectives": ["dice", "latency"] if multi else ["dice"],
+        "best_trial": best["number"],
+        "best_lambda": best["lambda_kd"],
+        "best_dice": best["dice"],
+        "best_params": {k: best[k] for k in ("lambda_kd", "student", "temperature", "lr") if best.get(k) is not None},
+        "best_checkpoint": best["checkpoint"],
+        "endpoints": {"lambda_0": endpoint(0.0), "lambda_1": endpoint(1.0)},
+        "final": "retrain the final student with best_params for the full distill.steps (trials are short)",
+        "trials": {"complete": counts.by_state["COMPLETE"], "pruned": counts.by_state["PRUNED"],
+                   "failed": counts.failed, "running": counts.running, "waiting": counts.waiting},
+        "artifacts": {k: str(v) for k, v in artifacts.items()},
+        "pareto": pareto,
+    }
+    artifacts["summary"] = write_json_atomic(out / "summary.json", summary)
+    if tracker is not None:
+        tracker.log_metrics({"tune/best_dice": best["dice"], "tune/best_lambda": best["lambda_kd"],
+                             "tune/complete": counts.by_state["COMPLETE"], "tune/pruned": counts.by_state["PRUNED"],
+                             "tune/failed": counts.failed})
+        for path in artifacts.values():
+            tracker.log_artifact(path, "tune")
+    return summary
+
+
+def _prepared_inputs(args: argparse.Namespace, cfg: dict, run_dir: Path,
+                     study: optuna.Study | None = None) -> tuple[PreparedData, Path | None, Path | None]:
+    """Data, teacher cache and teacher for a worker: from ``--cache`` / the study / the run folder on disk."""
+    data = PreparedData.load(run_dir / "data" / "data.json")
+    attrs = study.user_attrs if study is not None else {}
+    cache = args.cache or attrs.get(ATTR_CACHE)
+    teacher = attrs.get(ATTR_TEACHER)
+    if cache is not None and not Path(cache).is_dir():
+        raise TuneError(f"teacher cache {cache} is not a folder on this machine (share the run folder, or pass --cache)")
+    return data, Path(cache) if cache else None, Path(teacher) if teacher else None
+
+
+def main(argv: Sequence[str] | None = None) -> dict | int | None:
+    """Command line (see the module docstring)."""
+    from configs import apply_overrides, load_config
+    from training.tracking import Tracker
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML file or preset name")
+    parser.add_argument("--run-dir", default=None, help="run folder (default runs/<run.name>)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<run dir>/optuna.db)")
+    parser.add_argument("--study", default=None, help="study name (default <run.name>-lambda)")
+    parser.add_argument("--trials", type=int, default=None, help="target finished trials (default tune.trials)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--create", action="store_true", help="prepare inputs and create the study, then exit")
+    mode.add_argument("--worker", action="store_true", help="work on an existing study until it reaches its target")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<run dir>/mlflow.db)")
+    parser.add_argument("--cache", default=None,
+                        help="use this teacher cache and the run folder's data.json instead of running the data, "
+                             "teacher and cache stages")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tune.steps_per_trial=20")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config, args.overrides)
+    if args.storage:
+        cfg = apply_overrides(cfg, [f"tune.storage={args.storage}"], strict=False)
+    run_dir = Path(args.run_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
+    threads = cfg.get("run", {}).get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    tracker = Tracker(run_dir, experiment=str(cfg["run"]["name"]), tracking_uri=args.tracking_uri)
+    print(f"[tune] config {args.config} {' '.join(args.overrides)}; run folder {run_dir}")
+
+    if args.worker:
+        study = load_tuning_study(cfg, run_dir, args.storage, args.study)
+        if args.trials:
+            study.set_user_attr(ATTR_TARGET, int(args.trials))
+        data, cache_dir, teacher_ckpt = _prepared_inputs(args, cfg, run_dir, study)
+        with _tuning_run(tracker, study.study_name):
+            ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study)
+        print(f"[tune] worker done: {ran} trial(s) run here; study {study.study_name}: {count_trials(study).by_state}")
+        return ran
+
+    with _inputs_stage(args, cfg, run_dir) as (data, cache_dir, teacher_ckpt, pipeline_tracker):
+        tracker = pipeline_tracker or tracker
+        if args.create:
+            study = create_tuning_study(cfg, run_dir, args.storage, args.study, args.trials, cache_dir=cache_dir,
+                                        teacher_ckpt=teacher_ckpt, tracker=tracker)
+            url = args.storage or cfg["tune"].get("storage") or default_storage(run_dir)
+            print(f"[tune] study {study.study_name} ready in {masked_url(url)} "
+                  f"(target {study.user_attrs[ATTR_TARGET]} trials); start workers with --worker")
+            return None
+        summary = tune_lambda(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, args.storage,
+                              study_name=args.study, trials=args.trials)
+    print(json.dumps({k: v for k, v in summary.items() if k != "pareto"}, indent=2, default=str))
+    return summary
+
+
+@contextlib.contextmanager
+def _inputs_stage(args: argparse.Namespace, cfg: dict, run_dir: Path) -> Iterator[tuple]:
+    """Data, teacher cache and teacher: read from ``--cache`` and the run folder, or made by the pipeline stages."""
+    if args.cache:
+        data, cache_dir, teacher_ckpt = _prepared_inputs(args, cfg, run_dir)
+        yield data, cache_dir, teacher_ckpt, None
+        return
+    from distill.pipeline import Pipeline
+
+    pipeline = Pipeline(cfg, out_dir=run_dir, tracking_uri=args.tracking_uri)
+    with pipeline.tracking():
+        data = pipeline.stage_data()
+        teacher_ckpt = pipeline.stage_teacher()
+        cache_dir = pipeline.stage_cache(teacher_ckpt) if cfg["distill"].get("mode", "cached") == "cached" else None
+        yield data, cache_dir, teacher_ckpt, pipeline.tracker
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

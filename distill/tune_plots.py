@@ -1,0 +1,159 @@
+"""Tables and plots of a tuning study: every trial as a row, Dice against λ, and the optimisation history.
+
+A trial's Dice is its objective value when it completed, and the best Dice it reported before it was
+stopped when it was pruned (marked as such in every plot). Failed trials are listed in the table only.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+
+from data.atomic import atomic_path
+
+COLUMNS = ("number", "state", "lambda_kd", "student", "temperature", "lr", "dice", "latency_ms", "last_step",
+           "retry_of", "worker", "checkpoint", "out_dir")
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One dict per trial (``COLUMNS``), in trial order; ``lambda_kd`` is the λ the trial trained with.
+
+    Args:
+        study: a study made by ``distill.tune``.
+    """
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        dice = None
+        if t.state == optuna.trial.TrialState.COMPLETE and t.values:
+            dice = float(t.values[0])
+        elif t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values:
+            dice = float(max(t.intermediate_values.values()))
+        lam = attrs.get("lambda_kd", t.params.get("lambda_kd"))
+        latency = attrs.get("latency_ms")
+        if latency is None and t.values and len(t.values) == 2:
+            latency = t.values[1]
+        rows.append({
+            "number": t.number,
+            "state": t.state.name,
+            "lambda_kd": None if lam is None else float(lam),
+            "student": attrs.get("student", t.params.get("student")),
+            "temperature": attrs.get("temperature"),
+            "lr": attrs.get("lr"),
+            "dice": dice,
+            "latency_ms": None if latency is None else float(latency),
+            "last_step": attrs.get("last_step"),
+            "retry_of": t.system_attrs.get("failed_trial"),
+            "worker": attrs.get("worker"),
+            "checkpoint": attrs.get("checkpoint"),
+            "out_dir": attrs.get("out_dir"),
+        })
+    return rows
+
+
+def write_trials_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write ``rows`` as CSV (atomic).
+
+    Args:
+        rows: from :func:`trial_rows`.
+        path: destination ``.csv``.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+    return Path(path)
+
+
+def _scored(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["state"] in ("COMPLETE", "PRUNED") and r["dice"] is not None
+            and r["lambda_kd"] is not None and math.isfinite(r["dice"])]
+
+
+def plot_dice_vs_lambda(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Validation Dice of every scored trial against its λ; pruned trials hollow, the best one starred.
+
+    Args:
+        rows: from :func:`trial_rows`.
+        path: destination ``.png``.
+        title: plot title (the study name).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = _scored(rows)
+    students = sorted({str(r["student"]) for r in scored})
+    colours = {s: f"C{i}" for i, s in enumerate(students)}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for student in students:
+        for state, face in (("COMPLETE", None), ("PRUNED", "none")):
+            pts = [r for r in scored if r["state"] == state and str(r["student"]) == student]
+            if pts:
+                ax.scatter([r["lambda_kd"] for r in pts], [r["dice"] for r in pts], s=40, edgecolors=colours[student],
+                           facecolors=face or colours[student], marker="o",
+                           label=f"{student} {'complete' if state == 'COMPLETE' else 'pruned (best reported)'}")
+    complete = [r for r in scored if r["state"] == "COMPLETE"]
+    if complete:
+        best = max(complete, key=lambda r: r["dice"])
+        ax.scatter([best["lambda_kd"]], [best["dice"]], marker="*", s=220, c="gold", edgecolors="k", zorder=3,
+                   label=f"best: λ={best['lambda_kd']:.3g}, Dice {best['dice']:.3f}")
+    ax.set_xlabel("λ (weight of the KD term)")
+    ax.set_ylabel("validation Dice (mean foreground)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_title(f"Dice against λ {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_history(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Each scored trial's Dice in trial order, and the best Dice so far among completed trials.
+
+    Args:
+        rows: from :func:`trial_rows`.
+        path: destination ``.png``.
+        title: plot title (the study name).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = sorted(_scored(rows), key=lambda r: r["number"])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for state, face, label in (("COMPLETE", "C0", "complete"), ("PRUNED", "none", "pruned (best reported)")):
+        pts = [r for r in scored if r["state"] == state]
+        if pts:
+            ax.scatter([r["number"] for r in pts], [r["dice"] for r in pts], facecolors=face, edgecolors="C0", label=label)
+    best_x, best_y, best = [], [], -math.inf
+    for r in scored:
+        if r["state"] == "COMPLETE":
+            best = max(best, r["dice"])
+        if math.isfinite(best):
+            best_x.append(r["number"])
+            best_y.append(best)
+    if best_x:
+        ax.step(best_x, best_y, where="post", color="C3", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation Dice (mean foreground)")
+    ax.set_title(f"Optimisation history {title}".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,128 @@
+"""KDLoss against values computed by hand with numpy on tiny tensors."""
+import numpy as np
+import pytest
+import torch
+
+from distill.loss import KDLoss, KDLossError
+
+SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr = smooth_dr default
+
+
+def np_softmax(z, axis=1):
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_dice_ce(logits, label):
+    """DiceCE as MONAI defines it: mean soft Dice loss over (case, class) + mean cross-entropy over voxels."""
+    k = logits.shape[1]
+    p = np_softmax(logits)
+    onehot = np.stack([(label[:, 0] == c) for c in range(k)], axis=1).astype(np.float64)
+    axes = tuple(range(2, logits.ndim))
+    inter = (p * onehot).sum(axis=axes)
+    denom = p.sum(axis=axes) + onehot.sum(axis=axes)
+    dice = (1.0 - (2.0 * inter + SMOOTH) / (denom + SMOOTH)).mean()
+    ce = -(np.log(p) * onehot).sum(axis=1).mean()
+    return dice + ce
+
+
+def tiny_batch(seed=0, batch=2, k=3, size=(2, 3, 2)):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(size=(batch, k, *size))
+    teacher = rng.normal(size=(batch, k, *size)) * 2.0
+    label = rng.integers(0, k, size=(batch, 1, *size))
+    return student, teacher, label
+
+
+def as_t(a, dtype=torch.float64):
+    return torch.tensor(a, dtype=dtype)
+
+
+def test_logit_mse_and_dice_ce_mix_matches_hand_computation():
+    s, t, y = tiny_batch()
+    loss, parts = KDLoss(lambda_kd=0.3, num_classes=3)(as_t(s), as_t(t), as_t(y, torch.long))
+    kd = ((s - t) ** 2).mean()
+    sup = np_dice_ce(s, y)
+    assert parts["kd"] == pytest.approx(kd, rel=1e-6)
+    assert parts["sup"] == pytest.approx(sup, rel=1e-6)
+    assert float(loss) == pytest.approx(0.3 * kd + 0.7 * sup, rel=1e-6)
+
+
+def test_probability_target_uses_temperature_and_t_squared():
+    s, t, y = tiny_batch(seed=1)
+    T = 3.0
+    mse = ((np_softmax(s / T) - np_softmax(t / T)) ** 2).mean()
+    loss, parts = KDLoss(lambda_kd=1.0, kd_target="probs", temperature=T)(as_t(s), as_t(t), None)
+    assert parts["kd"] == pytest.approx(T * T * mse, rel=1e-6)
+    assert float(loss) == pytest.approx(T * T * mse, rel=1e-6)
+    _, unscaled = KDLoss(lambda_kd=1.0, kd_target="probs", temperature=T, scale_by_t2=False)(as_t(s), as_t(t), None)
+    assert unscaled["kd"] == pytest.approx(mse, rel=1e-6)
+
+
+def test_lambda_zero_is_plain_supervised_and_one_is_pure_imitation():
+    s, t, y = tiny_batch(seed=2)
+    sup_only, _ = KDLoss(lambda_kd=0.0)(as_t(s), None, as_t(y, torch.long))
+    assert float(sup_only) == pytest.approx(np_dice_ce(s, y), rel=1e-6)
+    kd_only, parts = KDLoss(lambda_kd=1.0)(as_t(s), as_t(t), None)
+    assert float(kd_only) == pytest.approx(((s - t) ** 2).mean(), rel=1e-6)
+    assert parts["sup"] == 0.0
+
+
+def test_unlabelled_cases_contribute_only_the_kd_term():
+    s, t, y = tiny_batch(seed=3, batch=3)
+    has_label = torch.tensor([True, False, True])
+    y_garbage = y.copy()
+    y_garbage[1] = 0  # whatever sits in an unlabelled slot must not matter
+    loss, parts = KDLoss(lambda_kd=0.4)(as_t(s), as_t(t), as_t(y_garbage, torch.long), has_label)
+    kd = ((s - t) ** 2).mean()
+    sup = np_dice_ce(s[[0, 2]], y[[0, 2]])
+    assert float(loss) == pytest.approx(0.4 * kd + 0.6 * sup, rel=1e-6)
+
+    student = as_t(s).requires_grad_(True)
+    loss, _ = KDLoss(lambda_kd=0.4)(student, as_t(t), as_t(y_garbage, torch.long), has_label)
+    loss.backward()
+    # The unlabelled case's gradient is exactly that of 0.4 * MSE: 0.4 * 2 (s - t) / N.
+    expected = 0.4 * 2.0 * (s[1] - t[1]) / s.size
+    np.testing.assert_allclose(student.grad[1].numpy(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_batch_without_labels_gives_kd_only_and_still_backpropagates():
+    s, t, _ = tiny_batch(seed=4)
+    student = as_t(s).requires_grad_(True)
+    loss, parts = KDLoss(lambda_kd=0.5)(student, as_t(t), None, torch.tensor([False, False]))
+    assert float(loss.detach()) == pytest.approx(0.5 * ((s - t) ** 2).mean(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_teacher_receives_no_gradient():
+    s, t, y = tiny_batch(seed=5)
+    teacher = as_t(t).requires_grad_(True)
+    loss, _ = KDLoss(lambda_kd=0.5)(as_t(s).requires_grad_(True), teacher, as_t(y, torch.long))
+    loss.backward()
+    assert teacher.grad is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lambda_kd": 1.5}, "lambda_kd must lie in \\[0, 1\\], got 1.5"),
+        ({"lambda_kd": -0.1}, "got -0.1"),
+        ({"lambda_kd": 0.5, "kd_target": "kl"}, "kd_target"),
+        ({"lambda_kd": 0.5, "temperature": 0.0}, "temperature"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_value(kwargs, match):
+    with pytest.raises(KDLossError, match=match):
+        KDLoss(**kwargs)
+    assert issubclass(KDLossError, ValueError)
+
+
+def test_bad_inputs_are_refused():
+    s, t, y = tiny_batch()
+    with pytest.raises(KDLossError, match="num_classes=4"):
+        KDLoss(0.5, num_classes=4)(as_t(s), as_t(t), as_t(y, torch.long))
+    with pytest.raises(KDLossError, match="needs teacher_logits"):
+        KDLoss(0.5)(as_t(s), None, as_t(y, torch.long))
+    with pytest.raises(KDLossError, match="teacher_logits shape"):
+        KDLoss(0.5)(as_t(s), as_t(t[:, :2]), as_t(y, torch.long))

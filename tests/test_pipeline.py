@@ -1,0 +1,108 @@
+"""The whole pipeline on phantoms: every stage, the report, MLflow, and skipping what is up to date."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def overrides(phantom_dataset):
+    return [
+        f"data.source={phantom_dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
+        "student.names=[unet_small]", "student.roi_size=[64, 32, 32]", "teacher.roi_size=[32, 32, 32]",
+        "distill.steps=2", "distill.val_every=2", "distill.batch_size=1", "distill.warmup_steps=1",
+        "export.enabled=false", "benchmark.enabled=false", "tune.enabled=false",
+    ]
+
+
+def write_teacher(path, phantom_dataset):
+    """A tiny untrained teacher checkpoint in the docs/interfaces.md format (teacher training is its own stage)."""
+    from configs import load_config
+    from data.dataset import load_dataset
+    from data.stats import preprocess_spec
+    from teacher.build import build_teacher
+    from teacher.checkpoint import save_teacher
+
+    cfg = load_config("demo", ["teacher.roi_size=[32, 32, 32]", "preprocess.spacing_mm=[6.0, 6.0, 6.0]"])
+    labels = load_dataset(phantom_dataset).labels
+    torch.manual_seed(0)
+    model = build_teacher(cfg["teacher"], max(labels) + 1)
+    save_teacher(path, model, {"labels": labels, "preprocess": preprocess_spec(cfg["preprocess"]), "step": 0,
+                               "best_dice": 0.0, "config": cfg})
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset, tmp_path):
+    from distill.run import main
+    from mlflow import MlflowClient
+
+    torch.set_num_threads(2)
+    teacher = write_teacher(tmp_path / "teacher.pt", phantom_dataset)
+    run_dir = tmp_path / "run"
+    args = ["--out", str(run_dir), "--teacher", str(teacher), *overrides(phantom_dataset)]
+    report = main(args)
+
+    # Teacher, KD student and λ = 0 student side by side on the same held-out cases.
+    assert set(report["models"]) == {"teacher", "unet_small", "unet_small (λ=0)"}
+    cases = {m["cases"] for m in report["models"].values()}
+    assert cases == {1}
+    organs = {name for cid, name in json.loads((run_dir / "data" / "data.json").read_text())["labels"].items() if cid != "0"}
+    assert len(organs) >= 7
+    for model in report["models"].values():
+        assert set(model["per_class_dice"]) == organs
+        assert model["params"] > 0 and 0.0 <= model["mean"]["dice"] <= 1.0
+    for folder in ("data/data.json", "students/unet_small/student.pt", "students/unet_small_lambda0/student.pt",
+                   "evaluation/metrics.json", "report.md", "report.json", "mlflow.db"):
+        assert (run_dir / folder).exists(), folder
+    cache_manifest = next((run_dir / "cache").glob("*/manifest.json"))
+    assert len(json.loads(cache_manifest.read_text())["entries"]) == 4  # 3 training + 1 unlabelled case
+    text = (run_dir / "report.md").read_text()
+    assert "mean Dice" in text and "unet_small (λ=0)" in text
+
+    # One experiment named after the run, a parent run and nested stage runs, the config verbatim.
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert {"data", "teacher", "cache", "student unet_small", "student unet_small_lambda0", "evaluation"} <= children
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent[0].info.run_id)]
+
+    # As a script (sys.path[0] = distill/), a second run finds every stage up to date.
+    done = subprocess.run([sys.executable, str(ROOT / "distill" / "run.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads((run_dir / "report.json").read_text())
+    assert all(stage["skipped"] for stage in again["stages"].values()), again["stages"]
+
+    # A changed evaluation setting reruns the evaluation only.
+    third = main(args + ["evaluation.nsd_tolerance_mm=6.0"])
+    ran = {name for name, stage in third["stages"].items() if not stage["skipped"]}
+    assert ran == {"evaluation"}
+
+
+@pytest.mark.slow
+def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phantom_dataset, tmp_path):
+    from distill.run import main
+
+    torch.set_num_threads(2)
+    teacher = write_teacher(tmp_path / "teacher.pt", phantom_dataset)
+    run_dir = tmp_path / "run"
+    tuned = [o for o in overrides(phantom_dataset) if not o.startswith("tune.")] + [
+        "tune.enabled=true", "tune.trials=2", "tune.steps_per_trial=2", "tune.report_every=2",
+        "distill.baseline_lambda_zero=false"]
+    report = main(["--out", str(run_dir), "--teacher", str(teacher), *tuned])
+
+    # The two enqueued trials measure both ends of the range; the student then trains with the winner.
+    tune = report["tune"]
+    assert tune["best_lambda"] in (0.0, 1.0)
+    assert set(tune["endpoints"]) == {"lambda_0", "lambda_1"}
+    assert [s["lambda_kd"] for s in report["students"]] == [tune["best_lambda"]]
+    assert (run_dir / "optuna.db").is_file() and (run_dir / "tune_stage" / "summary.json").is_file()
+    assert "λ search (Optuna)" in (run_dir / "report.md").read_text()
