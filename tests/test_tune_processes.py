@@ -1,0 +1,181 @@
+"""Tuning across processes: a study killed mid-trial restarts where it stopped; two workers share a PostgreSQL study."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from postgres import postgres_server  # noqa: F401  (the fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = [
+    "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu", "student.names=[unet_small]",
+    "student.roi_size=[32, 32, 32]", "teacher.roi_size=[32, 32, 32]", "distill.batch_size=1",
+    "distill.warmup_steps=1", "tune.steps_per_trial=4", "tune.report_every=2",
+]
+
+
+class ConvTeacher(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(1, num_classes, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.fixture(scope="module")
+def inputs(phantom_dataset, tmp_path_factory):
+    """Prepared phantom data and a teacher cache (what the pipeline's data and cache stages leave behind)."""
+    from configs import load_config
+    from data.transforms import load_transforms
+    from distill.cache import build_teacher_cache
+    from distill.data_stage import prepare_data
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("tune_proc_inputs")
+    cfg = load_config("demo", [f"data.source={phantom_dataset}", *OVERRIDES])
+    data = prepare_data(cfg, root / "data", progress=False)
+    teacher = ConvTeacher(data.num_classes)
+    torch.save(teacher.state_dict(), root / "teacher.pt")
+    cache = build_teacher_cache(teacher, data.train + data.unlabelled, load_transforms(data.preprocess, keys=("image",)),
+                                root / "cache", root / "teacher.pt", data.preprocess, [32, 32, 32], data.num_classes,
+                                progress=False)
+    return cfg, data, cache.directory
+
+
+def tune_command(run_dir, *args):
+    return [sys.executable, "-m", "distill.tune", "--config", "demo", "--run-dir", str(run_dir), *args]
+
+
+def environment():
+    env = dict(os.environ, OMP_NUM_THREADS="2", MLFLOW_ENABLE_ASYNC_LOGGING="false", GIT_PYTHON_REFRESH="quiet")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def new_run_dir(tmp_path, data):
+    """A run folder holding the data artifact, as the pipeline's data stage writes it."""
+    data.save(tmp_path / "data" / "data.json")
+    return tmp_path
+
+
+def wait_for(condition, process, log, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"tuning process exited early ({process.returncode}):\n{Path(log).read_text()[-3000:]}")
+        time.sleep(0.5)
+    process.kill()
+    pytest.fail(f"condition not reached in {timeout_s} s:\n{Path(log).read_text()[-3000:]}")
+
+
+def load(storage, name="demo-lambda"):
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_trial_restarts_keeps_finished_trials_and_retries_the_killed_one(inputs, tmp_path):
+    _, data, cache_dir = inputs
+    run_dir = new_run_dir(tmp_path, data)
+    storage = f"sqlite:///{run_dir}/optuna.db"
+    cmd = tune_command(run_dir, "--cache", str(cache_dir), f"data.source={data.root}", *OVERRIDES,
+                       "tune.trials=2", "tune.heartbeat_s=1", "tune.grace_s=3")
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    def mid_trial():  # one trial finished, the next one has reported (so its last.pt exists)
+        study = load(storage)
+        trials = study.get_trials(deepcopy=False) if study else []
+        return (any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+                and any(t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values for t in trials))
+
+    wait_for(mid_trial, first, log, timeout_s=400)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {t.number: t for t in load(storage).get_trials()}
+    killed = next(t for t in before.values() if t.state == optuna.trial.TrialState.RUNNING)
+    finished_before = {n: t.value for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
+
+    second = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    after = {t.number: t for t in load(storage).get_trials()}
+    assert after[killed.number].state == optuna.trial.TrialState.FAIL, "the killed trial is marked failed, not lost"
+    finished = {n: t for n, t in after.items() if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)}
+    assert len(finished) == 2, "the study reaches its target count"
+    for n, value in finished_before.items():
+        assert after[n].value == value, "trials finished before the kill are kept"
+    retry = next(t for t in after.values() if t.system_attrs.get("failed_trial") == killed.number)
+    assert retry.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert retry.user_attrs["lambda_kd"] == killed.user_attrs["lambda_kd"]
+    assert retry.user_attrs["out_dir"] == killed.user_attrs["out_dir"], "the retry resumes in the killed trial's folder"
+    assert "resumed at step" in second.stdout + second.stderr
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgres_study_and_no_trial_runs_twice(postgres_server, inputs, tmp_path):  # noqa: F811
+    from mlflow import MlflowClient
+    from sqlalchemy import create_engine, text
+
+    from configs import apply_overrides
+    from distill.tune import create_tuning_study
+    from training.tracking import Tracker
+
+    cfg, data, cache_dir = inputs
+    cfg = apply_overrides(cfg, ["tune.trials=4", "tune.steps_per_trial=2"])
+    run_dir = new_run_dir(tmp_path, data)
+    optuna_url = postgres_server.create_database("optuna")
+    mlflow_url = postgres_server.create_database("mlflow")
+    tracker = Tracker(run_dir, experiment="demo", tracking_uri=mlflow_url)
+    create_tuning_study(cfg, run_dir, storage=optuna_url, cache_dir=cache_dir, tracker=tracker)
+
+    cmd = tune_command(run_dir, "--worker", "--storage", optuna_url, "--tracking-uri", mlflow_url,
+                       f"data.source={data.root}", *OVERRIDES, "tune.trials=4", "tune.steps_per_trial=2")
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+               for log in logs]
+    for worker, log in zip(workers, logs):
+        try:
+            assert worker.wait(timeout=500) == 0, log.read_text()[-3000:]
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+
+    study = optuna.load_study(study_name="demo-lambda", storage=optuna_url)
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 4
+    assert all(t.user_attrs.get("surplus") for t in trials if t not in finished), "only surplus asks may be left over"
+    numbers = [t.number for t in finished]
+    assert len(set(numbers)) == len(numbers)
+    engine = create_engine(optuna_url)
+    with engine.connect() as conn:
+        per_trial = conn.execute(text("SELECT trial_id, COUNT(*) FROM trial_params WHERE param_name = 'lambda_kd' "
+                                      "GROUP BY trial_id")).all()
+    engine.dispose()
+    assert per_trial and all(count == 1 for _, count in per_trial), "λ recorded once per trial"
+    folders = [t.user_attrs["out_dir"] for t in finished]
+    assert len(set(folders)) == len(folders), "no two trials trained in the same folder"
+
+    client = MlflowClient(mlflow_url)
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`optuna.study` = 'demo-lambda'")
+    trial_runs = [int(r.data.tags["optuna.trial"]) for r in runs if "optuna.trial" in r.data.tags]
+    assert sorted(trial_runs) == sorted(numbers), "one MLflow run per trial, none duplicated"
+    by_worker = {}
+    for t in finished:
+        by_worker.setdefault(t.user_attrs["worker"], []).append(t.number)
+    print(f"trials per worker: {by_worker}")
