@@ -26,7 +26,8 @@ from configs import config_hash
 from data.atomic import write_json_atomic, write_text_atomic
 from distill.data_stage import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
-from distill.train import StudentResult, resolve_device, train_student
+from distill.train import StudentResult, train_student
+from training.distributed import resolve_device
 from training.distributed import barrier, is_main_process
 
 
@@ -121,7 +122,7 @@ class Pipeline:
                                         "give a trained teacher with teacher.checkpoint_file=/path/teacher.pt")
                 from teacher.train import train_teacher
 
-                result = train_teacher(self.cfg, directory, data=data, tracker=self.tracker)
+                result = train_teacher(self.cfg, self.run_dir, data=data, tracker=self.tracker, out_dir=directory)
                 ckpt = Path(getattr(result, "checkpoint", directory / "teacher.pt"))
                 if not ckpt.is_file():
                     raise PipelineError(f"teacher training finished without writing {ckpt}")
@@ -274,6 +275,7 @@ class Pipeline:
                 bundle = build_bundle(s.checkpoint, directory / "bundle", calibration=data.root,
                                       int8=bool(ecfg.get("int8", True)), max_dice_drop=float(ecfg.get("max_dice_drop", 0.01)),
                                       calibration_crops=int(ecfg.get("calibration_crops", 8)),
+                                      max_restore_iterations=ecfg.get("max_restore_iterations"),
                                       overlap=float(self.cfg["evaluation"].get("overlap", 0.25)),
                                       threads=int(self.cfg["run"].get("threads") or 2),
                                       seed=int(self.cfg["run"].get("seed", 0)), log=self.log)

@@ -25,6 +25,8 @@ import torch
 from distill.cache import AttachTeacherd, TeacherCache
 from distill.data_stage import PreparedData
 from distill.loss import KDLoss
+from evaluation.validation import as_plain_tensor, validation_dice
+from training.distributed import resolve_device
 
 MODES = ("cached", "online")
 
@@ -67,17 +69,6 @@ class StudentResult:
         return asdict(self)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available (the local rank's GPU under torchrun), else CPU."""
-    import os
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
@@ -100,47 +91,6 @@ def _crop_batches(dataset: Any, batch_size: int, num_workers: int = 0) -> Iterat
     )
     while True:
         yield from loader
-
-
-def validation_dice(model: Callable, cases: Sequence[Mapping[str, Any]], roi_size: Sequence[int], num_classes: int,
-                    overlap: float, device: torch.device) -> dict[str, float]:
-    """Mean foreground Dice of whole-volume sliding-window predictions on preprocessed cases.
-
-    Classes absent from a case's reference are left out of that case's mean (NaN), as in evaluation/.
-
-    Args:
-        model: segmentation network.
-        cases: dicts with ``"image"`` ``1 x X x Y x Z`` and ``"label"`` ``1 x X x Y x Z``.
-        roi_size: sliding-window ROI.
-        num_classes: K.
-        overlap: sliding-window overlap.
-        device: where the model runs.
-
-    Returns:
-        ``{"dice": mean over cases, "dice_<class id>": per class}``.
-    """
-    from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
-
-    from evaluation.sliding_window import predict_logits
-
-    per_case = []
-    for case in cases:
-        logits = predict_logits(model, _plain(case["image"]), roi_size, num_classes, overlap=overlap, device=device)
-        pred = torch.as_tensor(logits).argmax(0, keepdim=True)[None].cpu()
-        ref = _plain(case["label"]).long()[None].cpu()
-        dice = compute_dice(one_hot(pred, num_classes), one_hot(ref, num_classes), include_background=False, ignore_empty=True)
-        per_case.append(dice[0].numpy())
-    per_class = np.nanmean(np.stack(per_case), axis=0) if per_case else np.full(num_classes - 1, np.nan)
-    out = {"dice": float(np.nanmean(per_class))}
-    out.update({f"dice_{c + 1}": float(v) for c, v in enumerate(per_class)})
-    return out
-
-
-def _plain(x: Any) -> torch.Tensor:
-    """A plain tensor: MONAI's MetaTensor would route every op of the network through its metadata hooks."""
-    x = torch.as_tensor(x)
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def _preload(items: Sequence[Mapping[str, Any]], transforms: Callable) -> list[dict]:
@@ -246,13 +196,13 @@ def train_student(
                      temperature=float(dcfg.get("temperature", 1.0)), num_classes=num_classes)
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        image = _plain(batch["image"]).to(device, non_blocking=True)
-        label = _plain(batch["label"]).to(device, non_blocking=True).long()
+        image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)
+        label = as_plain_tensor(batch["label"]).to(device, non_blocking=True).long()
         has_label = torch.as_tensor(batch.get("has_label", torch.ones(image.shape[0]))).to(device).bool()
         student_logits = model(image)
         teacher_logits = None
         if cache is not None:
-            teacher_logits = _plain(batch["teacher"]).to(device, non_blocking=True)
+            teacher_logits = as_plain_tensor(batch["teacher"]).to(device, non_blocking=True)
         elif teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(image).float()

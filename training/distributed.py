@@ -159,3 +159,19 @@ def cleanup() -> None:
     """Leave the process group (no-op when none is active)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; a bare ``"cuda"`` is this rank's GPU under torchrun.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
+    """
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # Under torchrun each rank owns cuda:LOCAL_RANK (setup_distributed made it current), not cuda:0.
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized()
+                              else int(os.environ.get("LOCAL_RANK", 0)))
+    return device

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from training.checkpoint import check_compatible, load_checkpoint, restore_training_state, save_checkpoint
 from training.distributed import (
+    resolve_device,
     all_gather_object,
     barrier,
     broadcast_object,
@@ -219,7 +220,7 @@ def fit(
     """
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    device = _resolve_device(device)
+    device = resolve_device(device)
     rank, world_size = get_rank(), get_world_size()
     main = rank == 0
     started = time.perf_counter()
@@ -442,16 +443,6 @@ def _validate(model: nn.Module, val_fn: ValFn | None, step: int) -> dict[str, fl
         except (TypeError, ValueError) as exc:
             raise ValueError(f"val_fn returned a non-numeric {k!r}={v!r} at step {step}") from exc
     return metrics
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        # under torchrun each rank owns cuda:LOCAL_RANK (setup_distributed made it current), not cuda:0
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _unpack_loss(out: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]]:
