@@ -1,4 +1,4 @@
-"""Atomic artifact writes: write to a temporary file beside the target, then rename over it.
+"""Artifact files: atomic writes (a temporary file beside the target, then a rename) and checksums.
 
 A reader (or a resumed run) never sees a half-written checkpoint, cache entry, mask or report: either the
 old file or the complete new one is there.
@@ -6,6 +6,7 @@ old file or the complete new one is there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -73,3 +74,12 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, streamed (multi-GB checkpoints never load into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()

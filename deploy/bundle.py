@@ -5,26 +5,17 @@ and refuses a bundle whose files are missing or differ by a single byte from wha
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from deploy.errors import BundleError
+from data.atomic import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST = "model.json"
 REQUIRED_KEYS = ("format_version", "labels", "num_classes", "preprocess", "roi_size", "overlap", "input_name",
                  "output_name", "files", "models")
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (model files can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any]:

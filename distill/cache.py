@@ -36,7 +36,7 @@ import torch
 from monai.transforms import MapTransform
 from torch.nn import functional as F
 
-from data.atomic import atomic_path, write_json_atomic
+from data.atomic import atomic_path, file_sha256, write_json_atomic
 
 CACHE_FORMAT_VERSION = 1
 _CASE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -44,15 +44,6 @@ _CASE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 class CacheError(ValueError):
     """A cache folder or entry that cannot be used; the message names the folder, case or file."""
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """sha256 of a file's bytes (streamed, so multi-GB checkpoints do not load into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(

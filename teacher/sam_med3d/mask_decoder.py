@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher.sam_med3d.layer_norm import LayerNorm3d
+from teacher.neck import LayerNorm3d
 from teacher.sam_med3d.transformer import TwoWayTransformer3D
 
 

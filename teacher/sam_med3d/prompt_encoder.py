@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from teacher.sam_med3d.layer_norm import LayerNorm3d
+from teacher.neck import LayerNorm3d
 
 
 class PositionEmbeddingRandom3D(nn.Module):
