@@ -2,11 +2,12 @@
 
     python -m benchmarks.latency --quick                       # untrained SwinUNETR-tiny, exported here
     python -m benchmarks.latency --run-dir runs/demo --threads 1,2
-    python -m benchmarks.latency --bundle runs/demo/export/swinunetr_tiny --out runs/bench
+    python -m benchmarks.latency --bundle runs/demo/bundle/swinunetr_tiny/bundle --precisions fp32,int8
 
 Rows: teacher (PyTorch eager) and every student on PyTorch eager, ONNX Runtime and OpenVINO, FP32,
 bf16 where the CPU has it natively, INT8 where export wrote an INT8 model; two workloads (one ROI patch;
-one whole CT volume end to end). Each row runs in a fresh process (``benchmarks.row``). Output in
+one whole CT volume end to end). Each row runs in a fresh process (``benchmarks.row``); Dice and NSD of
+its masks on held-out cases are scored here (``benchmarks.accuracy``). Output in
 ``--out``: ``benchmark.csv``, ``report.md``, ``latency_<workload>.png``, ``dice_vs_latency_<workload>.png``,
 ``machine.json``; logged to the active MLflow run, if any.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks import report
+from benchmarks.accuracy import score_masks
 from benchmarks.crosscheck import CrossCheckError, run_benchmark_app
 from benchmarks.measure import MeasureError, run_module_in_subprocess
 from benchmarks.peak import cpu_supports_bf16, measure_peaks
@@ -124,9 +126,11 @@ def entry_from_bundle(bundle_dir: str | Path, name: str | None = None, torch_sou
 def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tuple[str, str]]]:
     """Models and held-out labelled cases of a pipeline run folder.
 
-    Looks for ``**/teacher.pt`` (teacher, eager), ``**/model.json`` (deploy bundles; their eager rows use
-    the ``student.pt`` of the same folder tree when the bundle records it) and ``data/data.json``
-    (validation split: the held-out cases every row is scored on).
+    The pipeline's layout (distill/pipeline.py): ``teacher/teacher.pt`` (teacher, eager rows),
+    ``bundle/<student>/bundle/model.json`` (deploy bundles; their eager rows use the ``student.pt`` the
+    bundle records) and ``data/data.json`` (the validation split every row is scored on). Other layouts are
+    searched (``**/teacher.pt``, ``**/model.json``); folders whose name starts with a dot (a bundle still
+    being written, a replaced one) are skipped.
 
     Args:
         run_dir: the run folder written by ``distill/run.py``.
@@ -134,23 +138,36 @@ def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tu
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BenchmarkConfigError(f"{run_dir}: run folder not found")
+
+    def visible(paths) -> list[Path]:
+        return sorted(p for p in paths if not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
+
     entries: list[ModelEntry] = []
-    for teacher_pt in sorted(run_dir.glob("**/teacher.pt")):
-        entries.append(_teacher_entry(teacher_pt))
-    for meta_path in sorted(run_dir.glob("**/model.json")):
-        rel = meta_path.parent.relative_to(run_dir).as_posix()
-        entry = entry_from_bundle(meta_path.parent)
-        entry.name = rel.replace("/", ":") if entry.name == meta_path.parent.name else f"{entry.name}"
+    teachers = [run_dir / "teacher" / "teacher.pt"] if (run_dir / "teacher" / "teacher.pt").is_file() else visible(run_dir.glob("**/teacher.pt"))
+    for teacher_pt in teachers:
+        entry = _teacher_entry(teacher_pt)
+        if len(teachers) > 1:
+            entry.name = f"teacher:{teacher_pt.parent.relative_to(run_dir).as_posix()}"
+        entries.append(entry)
+    for meta_path in visible(run_dir.glob("**/model.json")):
+        folder = meta_path.parent
+        entry = entry_from_bundle(folder)
+        # bundle/<student>/bundle: the student's folder names the row (two bundles may share an arch)
+        entry.name = folder.parent.name if folder.name == "bundle" and folder.parent != run_dir else folder.name
         if any(e.name == entry.name for e in entries):
-            entry.name = rel.replace("/", ":")
+            entry.name = folder.relative_to(run_dir).as_posix().replace("/", ":")
         entries.append(entry)
     if not entries:
         raise BenchmarkConfigError(f"{run_dir}: no teacher.pt and no deploy bundle (model.json) found")
     cases: list[tuple[str, str]] = []
     data_json = run_dir / "data" / "data.json"
     if data_json.is_file():
-        payload = json.loads(data_json.read_text())
-        cases = [(c["image"], c["label"]) for c in payload.get("val", []) if c.get("label")]
+        try:
+            payload = json.loads(data_json.read_text())
+            cases = [(c["image"], c["label"]) for c in payload.get("val", []) if c.get("label")]
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+            raise BenchmarkConfigError(f"{data_json}: not a data stage artifact with a 'val' list of "
+                                       f"{{image, label}} cases ({exc})") from exc
     return entries, cases
 
 
@@ -171,21 +188,30 @@ def _teacher_entry(path: Path) -> ModelEntry:
     )
 
 
-def quick_entry(work_dir: str | Path, num_classes: int = 8, roi_size: Sequence[int] = (64, 64, 32)) -> ModelEntry:
+def quick_entry(work_dir: str | Path, num_classes: int = 8, roi_size: Sequence[int] = (64, 64, 32),
+                calibration: str | Path | None = None) -> ModelEntry:
     """An untrained SwinUNETR-tiny exported with ``export.build_bundle`` into ``work_dir`` (no run needed).
+
+    With ``calibration`` (a dataset folder) the bundle also gets an OpenVINO INT8 model, accepted whatever
+    its Dice drop (``max_dice_drop=1``): an untrained network has no accuracy to keep, and NNCF's
+    accuracy-controlled fallback on SwinUNETR takes over 16 minutes on 2 cores. Its latency is valid.
 
     Args:
         work_dir: where the checkpoint and the bundle go.
-        num_classes: K of the untrained network.
+        num_classes: K of the untrained network (the phantoms have 8 classes with background).
         roi_size: its patch size (multiples of 32).
+        calibration: dataset folder (``dataset.json``) for INT8 calibration; ``None``: FP32 only.
     """
     try:
         from export import build_bundle
     except ImportError as exc:
         raise BenchmarkConfigError(f"--quick without a run dir needs export/ (export.build_bundle): {exc}") from exc
+    import torch
+
     from student import build_student, save_student
 
     work_dir = Path(work_dir)
+    torch.manual_seed(0)
     model = build_student("swinunetr_tiny", num_classes)
     labels = {0: "background", **{i: f"class_{i}" for i in range(1, num_classes)}}
     preprocess = {"spacing_mm": [4.0, 4.0, 4.0], "orientation": "RAS",
@@ -194,12 +220,14 @@ def quick_entry(work_dir: str | Path, num_classes: int = 8, roi_size: Sequence[i
         "arch": {"name": "swinunetr_tiny", "num_classes": num_classes, "in_channels": 1},
         "roi_size": list(roi_size), "preprocess": preprocess, "labels": labels, "step": 0,
     })
-    bundle = build_bundle(ckpt, work_dir / "bundle")
-    entry = entry_from_bundle(bundle, name="swinunetr_tiny (untrained)", torch_source={"kind": "student", "path": str(ckpt)})
-    return entry
+    # ONNX Runtime's static INT8 of SwinUNETR took 44 s here and ran 2.2x slower than FP32 (never offered)
+    bundle = build_bundle(ckpt, work_dir / "bundle", calibration=calibration, int8=calibration is not None,
+                          max_dice_drop=1.0, calibration_crops=4, validation_crops=2, threads=2, onnxruntime_int8=False)
+    return entry_from_bundle(bundle, name="swinunetr_tiny (untrained)", torch_source={"kind": "student", "path": str(ckpt)})
 
 
-def plan_rows(entries: Sequence[ModelEntry], threads: Sequence[int], workloads: Sequence[str], bf16_native: bool) -> list[dict]:
+def plan_rows(entries: Sequence[ModelEntry], threads: Sequence[int], workloads: Sequence[str], bf16_native: bool,
+              runtimes: Sequence[str] = RUNTIMES, precisions: Sequence[str] = PRECISIONS) -> list[dict]:
     """Every measurable (model, runtime, precision, threads, workload), in report order.
 
     Rows that cannot run (no file for that runtime, no native bf16, no bundle for a deployed volume) are
@@ -210,13 +238,14 @@ def plan_rows(entries: Sequence[ModelEntry], threads: Sequence[int], workloads: 
         threads: thread counts.
         workloads: subset of ``WORKLOADS``.
         bf16_native: the CPU has native bf16.
+        runtimes, precisions: subsets of ``RUNTIMES`` and ``PRECISIONS`` to measure.
     """
     rows = []
     for entry in entries:
         d = entry.as_dict()
         for workload in workloads:
-            for runtime in RUNTIMES:
-                for precision in PRECISIONS:
+            for runtime in (r for r in RUNTIMES if r in runtimes):
+                for precision in (p for p in PRECISIONS if p in precisions):
                     if not available(d, runtime, precision, bf16_native):
                         continue
                     if workload == "volume" and runtime != "pytorch" and not entry.bundle:
@@ -257,6 +286,8 @@ def run_benchmarks(
     out_dir: str | Path = "runs/bench",
     threads: Sequence[int] = (2,),
     workloads: Sequence[str] = WORKLOADS,
+    runtimes: Sequence[str] = RUNTIMES,
+    precisions: Sequence[str] = PRECISIONS,
     quick: bool = False,
     warmup: int | None = None,
     repeats: int | None = None,
@@ -279,6 +310,8 @@ def run_benchmarks(
         out_dir: report folder.
         threads: thread counts, each measured for every row.
         workloads: ``patch`` and/or ``volume``.
+        runtimes: subset of ``pytorch``, ``onnxruntime``, ``openvino``.
+        precisions: subset of ``fp32``, ``bf16``, ``int8``.
         quick: few repeats and a small volume (a few minutes on 2 cores).
         warmup, repeats: untimed/timed calls per row (defaults: quick 1/3 patch, 1/2 volume; else 3/20, 1/5).
         volume_path: CT volume for the volume workload; else a phantom from ``data.phantom`` is written.
@@ -296,9 +329,11 @@ def run_benchmarks(
     threads = [int(t) for t in threads]
     if not threads or any(t < 1 for t in threads):
         raise BenchmarkConfigError(f"threads must be positive integers, got {threads}")
-    bad = [w for w in workloads if w not in WORKLOADS]
-    if bad:
-        raise BenchmarkConfigError(f"unknown workloads {bad}; known: {WORKLOADS}")
+    for name, given, known_values in (("workloads", workloads, WORKLOADS), ("runtimes", runtimes, RUNTIMES),
+                                      ("precisions", precisions, PRECISIONS)):
+        bad = [v for v in given if v not in known_values]
+        if bad or not given:
+            raise BenchmarkConfigError(f"unknown or no {name} {list(given)}; known: {known_values}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -311,19 +346,28 @@ def run_benchmarks(
             entries += found
             if dice_cases is None:
                 dice_cases = run_cases
-        entries += [entry_from_bundle(b) for b in bundles]
+        known = {Path(e.bundle).resolve() for e in entries if e.bundle}
+        for b in bundles:  # the pipeline passes its bundles and the run dir that holds them: count each once
+            if Path(b).resolve() not in known:
+                entries.append(entry_from_bundle(b))
+                known.add(Path(b).resolve())
+        phantoms = None
         if not entries:
-            entries = [quick_entry(tmp / "quick")]
+            phantoms = _phantom_dataset(tmp / "phantoms", quick)
+            entries = [quick_entry(tmp / "quick", calibration=phantoms)]
             notes.append("No run dir or bundle given: an untrained SwinUNETR-tiny was exported to a temporary "
-                         "bundle; its Dice is not measured (empty), its latencies are valid.")
+                         "bundle; its Dice is not measured (empty), its latencies are valid. Its OpenVINO INT8 model was "
+                         "calibrated on 4 phantom crops and accepted without accuracy control (max_dice_drop=1); "
+                         "no ONNX Runtime INT8 (export measured it 2.2x slower than FP32 on this model).")
         dice_cases = [tuple(map(str, c)) for c in (dice_cases or [])]
         if max_dice_cases is not None:
             dice_cases = dice_cases[: int(max_dice_cases)]
         if not dice_cases:
             notes.append("Dice is empty: no labelled held-out cases were given (a run dir's validation split).")
         else:
-            notes.append(f"Dice: mean foreground Dice over the same {len(dice_cases)} held-out case(s) for every row "
-                         f"(whole-volume path, original grid); identical across thread counts and workloads of a row.")
+            notes.append(f"Dice, NSD: mean foreground Dice and NSD (tolerance {nsd_tolerance_mm:g} mm) over the same "
+                         f"{len(dice_cases)} held-out case(s) for every row (whole-volume path, original grid); one "
+                         f"score per model × runtime × precision, shown on each of its rows.")
             untrained = [e.name for e in entries if (e.torch or {}).get("kind") == "arch"]
             if untrained:
                 notes.append(f"Eager rows of {untrained} use random weights (no checkpoint recorded): Dice not scored for them.")
@@ -338,7 +382,9 @@ def run_benchmarks(
 
         volume_info: dict[str, Any] = {}
         if "volume" in workloads:
-            volume_path, volume_info = _volume(volume_path, tmp, quick)
+            if volume_path is None and phantoms is None:
+                phantoms = _phantom_dataset(tmp / "volume", quick, cases=1)
+            volume_path, volume_info = _volume(volume_path, phantoms)
         warm_p, rep_p = (1, 3) if quick else (3, 20)
         warm_v, rep_v = (1, 2) if quick else (1, 5)
         if warmup is not None:
@@ -347,9 +393,9 @@ def run_benchmarks(
             rep_p = rep_v = int(repeats)
 
         by_name = {e.name: e for e in entries}
-        dice_done: dict[tuple[str, str, str], float | None] = {}
+        dice_done: dict[tuple[str, str, str], dict] = {}
         rows: list[dict] = []
-        for plan in plan_rows(entries, threads, workloads, bf16_native):
+        for plan in plan_rows(entries, threads, workloads, bf16_native, runtimes, precisions):
             entry = by_name[plan["model"]]
             spec: dict[str, Any] = {**plan, "entry": entry.as_dict()}
             if plan["workload"] == "patch":
@@ -359,8 +405,8 @@ def run_benchmarks(
                 key = (plan["model"], plan["runtime"], plan["precision"])
                 scorable = dice_cases and (entry.torch or {}).get("kind") != "arch" if plan["runtime"] == "pytorch" else dice_cases
                 if scorable and key not in dice_done:
-                    spec.update(dice_cases=[list(c) for c in dice_cases], labels=entry.labels or {},
-                                nsd_tolerance_mm=nsd_tolerance_mm)
+                    spec.update(dice_cases=[list(c) for c in dice_cases],
+                                pred_dir=str(tmp / "pred" / f"row{len(rows):03d}_{plan['threads']}"))
             try:
                 result = run_module_in_subprocess("benchmarks.row", spec, plan["threads"])
             except MeasureError as exc:
@@ -369,15 +415,17 @@ def run_benchmarks(
                 if progress:
                     print(f"[bench] {notes[-1]}")
                 continue
-            if "dice" in result:
-                dice_done[(plan["model"], plan["runtime"], plan["precision"])] = result["dice"]
+            if result.get("pred_paths"):
+                dice_done[(plan["model"], plan["runtime"], plan["precision"])] = score_masks(
+                    result["pred_paths"], dice_cases, entry.labels or {}, nsd_tolerance_mm)
             rows.append(_row(plan, entry, result, volume_info))
             if progress:
                 r = rows[-1]
                 print(f"[bench] {r['model']} {r['runtime']} {r['precision']} t{r['threads']} {r['workload']}: "
                       f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB")
         for r in rows:
-            r["dice"] = dice_done.get((r["model"], r["runtime"], r["precision"]))
+            scores = dice_done.get((r["model"], r["runtime"], r["precision"]), {})
+            r["dice"], r["nsd"] = scores.get("dice"), scores.get("nsd")
         _ratios(rows, {k: v for k, v in ((k, p.gflops) for k, p in peaks.items())})
 
         cross_checks = _cross_check(rows, entries, notes) if cross_check else []
@@ -412,7 +460,7 @@ def config_kwargs(section: dict) -> dict[str, Any]:
     Args:
         section: e.g. ``cfg["benchmark"]`` of configs/demo.yaml (``enabled`` is the caller's business).
     """
-    known = {"enabled", "quick", "threads", "workloads", "max_dice_cases", "cross_check", "volume"}
+    known = {"enabled", "quick", "threads", "workloads", "runtimes", "precisions", "max_dice_cases", "cross_check", "volume"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise BenchmarkConfigError(f"benchmark section: unknown keys {unknown}; known: {sorted(known)}")
@@ -420,6 +468,8 @@ def config_kwargs(section: dict) -> dict[str, Any]:
         "quick": bool(section.get("quick", False)),
         "threads": [int(t) for t in section.get("threads", [2])],
         "workloads": list(section.get("workloads", WORKLOADS)),
+        "runtimes": list(section.get("runtimes") or RUNTIMES),
+        "precisions": list(section.get("precisions") or PRECISIONS),
         "max_dice_cases": section.get("max_dice_cases"),
         "cross_check": bool(section.get("cross_check", True)),
         "volume_path": section.get("volume"),
@@ -436,27 +486,35 @@ def _count_gflops(entries: Sequence[ModelEntry]) -> None:
             continue
         model, _ = load_torch_model(entry.torch)
         if entry.gflops is None:
-            entry.gflops = describe(model, entry.roi_size)["gflops"]
+            # every model maps B x 1 x roi (docs/interfaces.md); the teacher's first conv is SAM's 3-channel one
+            entry.gflops = describe(model, entry.roi_size, in_channels=1)["gflops"]
         if entry.param_mb is None:
             state = model.state_dict().values()
             entry.param_mb = sum(t.numel() * t.element_size() for t in state) / 1e6
 
 
-def _volume(volume_path: str | Path | None, tmp: Path, quick: bool) -> tuple[Path, dict]:
-    """The volume of the volume workload, and its description (shape, spacing)."""
+def _phantom_dataset(root: Path, quick: bool, cases: int = 2) -> Path:
+    """A phantom dataset (``data.phantom``): 96×96×48 voxels in quick mode, else 192×160×96."""
+    from data.phantom import write_dataset
+
+    size = (96, 96, 48) if quick else (192, 160, 96)
+    return Path(write_dataset(root, cases=cases, test_cases=0, seed=0, size=size) or root)
+
+
+def _volume(volume_path: str | Path | None, phantoms: Path | None) -> tuple[Path, dict]:
+    """The volume of the volume workload (``volume_path``, else the first case of ``phantoms``) and its
+    description (shape, spacing)."""
     import nibabel as nib
 
     if volume_path is None:
-        from data.phantom import write_dataset
-
-        size = (96, 96, 48) if quick else (192, 160, 96)
-        root = write_dataset(tmp / "volume", cases=1, test_cases=0, seed=0, size=size) or (tmp / "volume")
-        candidates = sorted(Path(root).glob("imagesTr/*.nii*"))
+        candidates = sorted(Path(phantoms).glob("imagesTr/*.nii*"))
         if not candidates:
-            raise BenchmarkConfigError(f"{root}: data.phantom.write_dataset wrote no imagesTr volume")
+            raise BenchmarkConfigError(f"{phantoms}: data.phantom.write_dataset wrote no imagesTr volume")
         volume_path = candidates[0]
         source = "synthetic phantom (data.phantom)"
     else:
+        if not Path(volume_path).is_file():
+            raise BenchmarkConfigError(f"{volume_path}: volume for the volume workload not found")
         source = str(volume_path)
     img = nib.load(str(volume_path))
     shape = [int(s) for s in img.shape[:3]]
@@ -483,7 +541,7 @@ def _row(plan: dict, entry: ModelEntry, result: dict, volume_info: dict) -> dict
         **plan,
         "p50_ms": timing["p50_ms"], "p95_ms": timing["p95_ms"], "throughput": throughput,
         "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_mb, "gflops": gflops,
-        "pct_of_peak": None, "speedup_vs_eager": None, "dice": None,
+        "pct_of_peak": None, "speedup_vs_eager": None, "dice": None, "nsd": None,
         "throughput_unit": unit, "base_rss_mb": result["base_rss_mb"], "runs": timing["runs"],
         "input_shape": shape, "note": f"load {result['load_ms']:.0f} ms",
     }
@@ -534,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bundle", action="append", default=[], help="deploy bundle folder (repeatable)")
     parser.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
     parser.add_argument("--workloads", default="patch,volume", help="patch,volume")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="subset of " + ",".join(RUNTIMES))
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="subset of " + ",".join(PRECISIONS))
     parser.add_argument("--volume", help="NIfTI volume for the volume workload (default: a phantom)")
     parser.add_argument("--max-dice-cases", type=int, default=None, help="score at most this many held-out cases")
     parser.add_argument("--no-cross-check", action="store_true", help="skip the benchmark_app cross-check")
@@ -543,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_benchmarks(
             run_dir=args.run_dir, bundles=args.bundle, out_dir=args.out, threads=_parse_threads(args.threads),
             workloads=[w.strip() for w in args.workloads.split(",") if w.strip()], quick=args.quick,
+            runtimes=[r.strip() for r in args.runtimes.split(",") if r.strip()],
+            precisions=[p.strip() for p in args.precisions.split(",") if p.strip()],
             volume_path=args.volume, max_dice_cases=args.max_dice_cases, cross_check=not args.no_cross_check,
         )
     except ValueError as exc:

@@ -3,7 +3,7 @@
 What is measured, honestly:
 - latency: wall-clock ``time.perf_counter`` around each call after ``warmup`` untimed calls; p50/p95 are
   linear-interpolated percentiles of the timed calls.
-- peak memory: ``ru_maxrss`` of a child process that did nothing but load one model on one runtime and
+- peak memory: the RSS high-water mark (``VmHWM``) of a child process that did nothing but load one model on one runtime and
   run one workload. It includes the interpreter and the runtime libraries (that is what a deployed
   process costs); ``base_rss_mb`` (RSS after imports, before the model is loaded) is recorded beside it
   so the model's own share can be read off.
@@ -94,7 +94,17 @@ def time_runs(fn: Callable[[], Any], warmup: int = 2, repeats: int = 10) -> Timi
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own address space.
+    Not ``ru_maxrss``: Linux carries it over fork and exec, so a child started by a large parent reports
+    the parent's peak (measured here: a 12 MB child of a 500 MB parent read 511 MB).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0 if sys.platform != "darwin" else kib / 1024.0 / 1024.0
 

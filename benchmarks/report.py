@@ -34,7 +34,7 @@ CSV_COLUMNS = (
     "speedup_vs_eager",
     "dice",
 )
-EXTRA_COLUMNS = ("throughput_unit", "base_rss_mb", "runs", "input_shape", "note")
+EXTRA_COLUMNS = ("nsd", "throughput_unit", "base_rss_mb", "runs", "input_shape", "note")
 ALL_COLUMNS = CSV_COLUMNS + EXTRA_COLUMNS
 
 
@@ -195,7 +195,7 @@ def write_markdown(
             continue
         lines += ["", f"## Workload `{workload}`: {description}", ""]
         header = ["model", "runtime", "precision", "threads", "p50 ms", "p95 ms", "throughput",
-                  "peak RSS MB", "size MB", "GFLOPs", "% of peak", "× eager", "Dice"]
+                  "peak RSS MB", "size MB", "GFLOPs", "% of peak", "× eager", "Dice", "NSD"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for r in sel:
@@ -206,7 +206,7 @@ def write_markdown(
                 str(r["model"]), str(r["runtime"]), str(r["precision"]), str(r["threads"]),
                 _fmt(r.get("p50_ms"), 1), _fmt(r.get("p95_ms"), 1), thr, _fmt(r.get("peak_rss_mb"), 0),
                 _fmt(r.get("size_mb"), 2), _fmt(r.get("gflops"), 2), _fmt(r.get("pct_of_peak"), 1),
-                _fmt(r.get("speedup_vs_eager"), 2), _fmt(r.get("dice"), 3),
+                _fmt(r.get("speedup_vs_eager"), 2), _fmt(r.get("dice"), 3), _fmt(r.get("nsd"), 3),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     if cross_checks:
@@ -306,7 +306,7 @@ def log_to_mlflow(out_dir: str | Path, rows: Sequence[dict]) -> bool:
     metrics = {}
     for r in rows:
         key = re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", f"bench/{r['model']}/{r['runtime']}/{r['precision']}/t{r['threads']}/{r['workload']}")
-        for col in ("p50_ms", "p95_ms", "peak_rss_mb", "speedup_vs_eager", "dice"):
+        for col in ("p50_ms", "p95_ms", "peak_rss_mb", "speedup_vs_eager", "dice", "nsd"):
             if _finite(r.get(col)):
                 metrics[f"{key}/{col}"] = float(r[col])
     if metrics:

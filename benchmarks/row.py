@@ -6,8 +6,8 @@ colour the next row) and makes its peak RSS that of this row alone.
 Spec keys: ``entry`` (model entry dict), ``runtime``, ``precision``, ``threads``, ``workload``
 (``"patch"`` or ``"volume"``), ``warmup``, ``repeats``; patch rows: ``roi_size``, ``batch``; volume rows:
 ``volume_path`` (NIfTI) and ``bundle`` (deploy bundle folder, for onnxruntime/openvino); optional
-``dice_cases`` (list of ``[image, label]`` NIfTI paths) with ``labels`` (``{id: name}``) to score
-after timing.
+``dice_cases`` (list of ``[image, label]`` NIfTI paths) with ``pred_dir``: after timing, the row segments
+each case into ``pred_dir`` and the harness scores the masks (``benchmarks.accuracy``) in its own process.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,7 +41,7 @@ def measure_row(spec: dict) -> dict:
 
     Returns:
         ``{"timing": Timing dict, "load_ms", "base_rss_mb", "peak_rss_mb", "output_shape" (patch),
-        "dice" (when dice_cases given), "dice_per_case"}``.
+        "pred_paths" (when dice_cases given)}``.
     """
     from benchmarks.runtimes import load_predictor
 
@@ -70,41 +69,20 @@ def measure_row(spec: dict) -> dict:
             timing = time_runs(
                 lambda: segment(spec["volume_path"], out_path), warmup=int(spec["warmup"]), repeats=int(spec["repeats"])
             )
-            if spec.get("dice_cases"):
-                result.update(
-                    _score(segment, spec["dice_cases"], spec["labels"], Path(tmp), spec.get("nsd_tolerance_mm", 2.0))
-                )
+        if spec.get("dice_cases"):
+            pred_dir = Path(spec["pred_dir"])
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            result["pred_paths"] = []
+            for i, (image_path, _) in enumerate(spec["dice_cases"]):
+                out_path = pred_dir / f"{i:03d}_{Path(image_path).name}"
+                segment(image_path, out_path)
+                result["pred_paths"].append(str(out_path))
     else:
         raise ValueError(f"unknown workload {spec['workload']!r} (patch | volume)")
     result["timing"] = timing.as_dict()
     result["base_rss_mb"] = base_rss
     result["peak_rss_mb"] = peak_rss_mb()
     return result
-
-
-def _score(segment: Callable, cases: list, labels: dict, tmp: Path, nsd_tolerance_mm: float) -> dict:
-    """Mean foreground Dice of ``segment`` over labelled cases (``evaluation.metrics.summarize``)."""
-    import nibabel as nib
-
-    from evaluation.metrics import case_metrics, summarize
-
-    names = {int(k): str(v) for k, v in labels.items()}
-    rows, per_case = [], []
-    for image_path, label_path in cases:
-        out_path = tmp / f"pred_{Path(image_path).name}"
-        segment(image_path, out_path)
-        # both in canonical (RAS) orientation: the eager path writes its mask there
-        pred_img = nib.as_closest_canonical(nib.load(str(out_path)))
-        label_img = nib.as_closest_canonical(nib.load(str(label_path)))
-        pred = np.asarray(pred_img.dataobj).astype(np.int64)
-        label = np.asarray(label_img.dataobj).astype(np.int64)
-        if pred.shape != label.shape:
-            raise ValueError(f"{out_path}: predicted mask shape {pred.shape} differs from label {label_path} {label.shape}")
-        spacing = [float(s) for s in label_img.header.get_zooms()[:3]]
-        case_rows = case_metrics(pred, label, spacing, names, nsd_tolerance_mm)
-        per_case.append(float(summarize(case_rows)["mean"]["dice"]))
-        rows += [{**r, "case": str(image_path)} for r in case_rows]
-    return {"dice": float(summarize(rows)["mean"]["dice"]), "dice_per_case": per_case}
 
 
 def main(argv: list[str] | None = None) -> int:

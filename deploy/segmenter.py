@@ -66,9 +66,10 @@ class Segmenter:
             self.crop = None if crop is None else (float(crop["threshold_hu"]), int(crop["margin"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest}: crop_foreground must hold threshold_hu and margin, got {crop!r}") from exc
-        self.session = ModelSession(self.bundle, runtime, precision, threads)
         static = self.bundle.get("batch", 1)
         self.batch_size = int(batch_size or (1 if static == "dynamic" else static))
+        self.threads = threads
+        self.session = ModelSession(self.bundle, runtime, precision, threads, self.batch_size)
 
     def predict_logits(self, image: np.ndarray, affine: np.ndarray, source: str = "input") -> tuple[np.ndarray, Any]:
         """Model-grid logits of a volume.
@@ -106,7 +107,7 @@ class Segmenter:
 
     def _to_source(self, logits: np.ndarray, geometry) -> np.ndarray:
         if self.resample_back == "labels":
-            return labels_to_source(np.argmax(logits, axis=0), geometry)
+            return labels_to_source(np.argmax(logits, axis=0).astype(np.uint8 if self.num_classes <= 256 else np.int16), geometry)
         return logits_to_source(logits, geometry)
 
     def segment_file(self, in_path: str | Path, out_path: str | Path, overlay: str | Path | None = None) -> np.ndarray:
