@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data.atomic import write_json_atomic
-from distill.data_stage import PreparedData
+from data.prepare import PreparedData
 
 
 def load_model(kind: str, checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:

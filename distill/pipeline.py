@@ -24,7 +24,7 @@ import torch
 
 from configs import config_hash
 from data.atomic import write_json_atomic, write_text_atomic
-from distill.data_stage import PreparedData, prepare_data
+from data.prepare import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
 from distill.train import StudentResult, train_student
 from training.distributed import resolve_device
@@ -253,7 +253,7 @@ class Pipeline:
 
     # -- export -------------------------------------------------------------------------------------------
     def stage_export(self, students: list[StudentResult]) -> dict[str, str]:
-        """A deployment bundle per KD student (``export.build_bundle``), when export/ is available."""
+        """A deployment bundle per final student (``export.build_bundle``), when export/ is available."""
         if not self.cfg.get("export", {}).get("enabled", True):
             self.log("[export] disabled (export.enabled=false)")
             return {}
@@ -266,8 +266,6 @@ class Pipeline:
         data = self._need_data()
         bundles = {}
         for s in students:
-            if s.lambda_kd <= 0:
-                continue
             inputs = {"student": self._hash_of(s.checkpoint), "export": ecfg}
 
             def body(directory: Path, s: StudentResult = s) -> tuple[dict[str, str], dict]:
@@ -326,7 +324,9 @@ class Pipeline:
             tune = self.stage_tune(teacher_ckpt, cache_dir) if tuning else None
             students = self.stage_students(teacher_ckpt, cache_dir)
             evaluation = self.stage_evaluation(teacher_ckpt, students)
-            bundles = self.stage_export(students)
+            # The deliverables are the students of student.names at the chosen λ (even when the search found
+            # λ = 0 best); the λ = 0 baseline appended after them is for comparison only.
+            bundles = self.stage_export(students[: len(self.cfg["student"]["names"])])
             benchmark = self.stage_benchmark(bundles)
             report = build_report(self.cfg, self.run_dir, self.records, students, evaluation, bundles, benchmark,
                                   wall_seconds=time.perf_counter() - started, tune=tune)

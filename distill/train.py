@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from distill.cache import AttachTeacherd, TeacherCache
-from distill.data_stage import PreparedData
+from data.prepare import PreparedData
 from distill.loss import KDLoss
 from evaluation.validation import as_plain_tensor, validation_dice
 from training.distributed import resolve_device

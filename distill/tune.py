@@ -46,7 +46,7 @@ from optuna.trial import TrialState
 
 from configs import config_hash
 from data.atomic import write_json_atomic
-from distill.data_stage import PreparedData
+from data.prepare import PreparedData
 
 LAMBDA_SPACES = ("uniform", "log")
 PRUNERS = ("median", "hyperband", "none")

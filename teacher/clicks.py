@@ -246,7 +246,7 @@ def load_cases(data: str | Path, spec: dict, max_cases: int | None = None) -> tu
     root = Path(data)
     artifact = root / "data" / "data.json"
     if artifact.is_file():
-        from distill.data_stage import PreparedData
+        from data.prepare import PreparedData
 
         items, what = PreparedData.load(artifact).val, f"validation cases of {root}"
     elif root.is_dir():

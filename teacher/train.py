@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from distill.data_stage import PreparedData
+from data.prepare import PreparedData
 
 PROMPT_MODES = ("auto", "points", "both")
 # The teacher section's keys that define the network (a resumed run must match them); the rest is schedule.

@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
     """runs/<name>/ with data/data.json (2 validation cases), students/unet_small/student.pt and
     bundle/unet_small/bundle/ (FP32), plus a stale half-written bundle copy that must be ignored."""
     from configs import load_config
-    from distill.data_stage import prepare_data
+    from data.prepare import prepare_data
     from export import build_bundle
     from student import build_student, save_student
 

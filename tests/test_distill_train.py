@@ -11,7 +11,7 @@ from torch import nn
 
 from configs import load_config
 from distill.cache import build_teacher_cache
-from distill.data_stage import prepare_data
+from data.prepare import prepare_data
 from distill.train import DistillConfigError, train_student
 
 STEPS = 4

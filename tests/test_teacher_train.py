@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configs import load_config
-from distill.data_stage import prepare_data
+from data.prepare import prepare_data
 from teacher.checkpoint import load_teacher
 from teacher.point_sampling import ClickSamplingError, sample_clicks
 from teacher.train import TeacherTrainError, train_teacher

@@ -47,7 +47,7 @@ def inputs(phantom_dataset, tmp_path_factory):
     """Prepared phantom data and a teacher cache, shared by the studies of this module."""
     from data.transforms import load_transforms
     from distill.cache import build_teacher_cache
-    from distill.data_stage import prepare_data
+    from data.prepare import prepare_data
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("tune_inputs")

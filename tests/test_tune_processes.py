@@ -37,7 +37,7 @@ def inputs(phantom_dataset, tmp_path_factory):
     from configs import load_config
     from data.transforms import load_transforms
     from distill.cache import build_teacher_cache
-    from distill.data_stage import prepare_data
+    from data.prepare import prepare_data
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("tune_proc_inputs")
