@@ -7,26 +7,14 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from configs import load_config
 from distill.cache import build_teacher_cache
 from data.prepare import prepare_data
 from distill.train import DistillConfigError, train_student
+from tests.stand_in_teacher import ConvTeacher
 
 STEPS = 4
-
-
-class ConvTeacher(nn.Module):
-    """A stand-in teacher: any module with the segmentation contract serves the cache."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv3d(1, num_classes, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 @pytest.fixture(scope="module")

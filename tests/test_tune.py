@@ -5,7 +5,6 @@ import json
 import optuna
 import pytest
 import torch
-from torch import nn
 
 from configs import apply_overrides, load_config
 from distill.tune import (
@@ -16,20 +15,9 @@ from distill.tune import (
     load_tuning_study,
     tune_lambda,
 )
+from tests.stand_in_teacher import ConvTeacher
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class ConvTeacher(nn.Module):
-    """A stand-in teacher: the cache only needs the segmentation contract."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv3d(1, num_classes, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def tiny_config(phantoms, *extra):

@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from torch import nn
 
 from postgres import postgres_server  # noqa: F401  (the fixture)
+from tests.stand_in_teacher import ConvTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -19,16 +19,6 @@ OVERRIDES = [
     "student.roi_size=[32, 32, 32]", "teacher.roi_size=[32, 32, 32]", "distill.batch_size=1",
     "distill.warmup_steps=1", "tune.steps_per_trial=4", "tune.report_every=2",
 ]
-
-
-class ConvTeacher(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv3d(1, num_classes, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 @pytest.fixture(scope="module")
