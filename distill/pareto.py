@@ -6,7 +6,6 @@ so that the table and the plot use exactly the numbers shown beside them.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,13 +38,9 @@ def write_pareto_csv(front: Sequence[dict[str, Any]], path: str | Path) -> Path:
         front: from :func:`pareto_front`.
         path: destination ``.csv``.
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=PARETO_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in front:
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in PARETO_COLUMNS})
-    return Path(path)
+    from distill.tune_plots import write_trials_csv
+
+    return write_trials_csv(front, path, columns=PARETO_COLUMNS)
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], path: str | Path,

@@ -54,19 +54,20 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def write_trials_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write ``rows`` as CSV (atomic).
+def write_trials_csv(rows: Sequence[dict[str, Any]], path: str | Path, columns: Sequence[str] = COLUMNS) -> Path:
+    """Write trial rows as CSV (atomic); missing values are empty cells.
 
     Args:
-        rows: from :func:`trial_rows`.
+        rows: from :func:`trial_rows` (or a subset of them, such as the Pareto front).
         path: destination ``.csv``.
+        columns: the columns, in order; other keys are left out.
     """
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             for row in rows:
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     return Path(path)
 
 
