@@ -68,6 +68,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core counts, CPU features that decide precisions, and library versions."""
+    from export.bundle import library_versions  # the same versions a bundle records
     cpu_model, flags = "unknown", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -93,20 +94,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_features": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": _library_versions(),
+        "versions": library_versions(),
     }
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("torch", "monai", "numpy", "onnx", "onnxruntime", "openvino", "nncf", "nibabel"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def write_csv(rows: Iterable[dict], path: str | Path) -> Path:
