@@ -144,7 +144,7 @@ def train_teacher(
     from monai.losses import DiceCELoss
 
     from data.transforms import random_crop_transforms
-    from evaluation.validation import validation_dice
+    from evaluation.validation import as_plain_tensor, validation_dice
     from training.distributed import resolve_device
     from teacher.build import build_teacher, teacher_arch
     from teacher.checkpoint import save_teacher
@@ -191,8 +191,10 @@ def train_teacher(
     max_pos, max_neg = int(tcfg.get("max_positive_clicks", 3)), int(tcfg.get("max_negative_clicks", 2))
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        image = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-        label = torch.as_tensor(batch["label"]).to(device, non_blocking=True).long()
+        # Plain tensors: a MONAI MetaTensor routes every op of the network through its metadata hooks
+        # (measured: 0.80 -> 0.57 s/step for the demo teacher on 2 cores).
+        image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)
+        label = as_plain_tensor(batch["label"]).to(device, non_blocking=True).long()
         with_points = mode == "points" or (mode == "both" and bool(torch.rand(()) < 0.5))
         if with_points:
             clicks = sample_clicks(label, max_pos, max_neg)
