@@ -64,6 +64,15 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     text = (run_dir / "report.md").read_text()
     assert "mean Dice" in text and "unet_small (λ=0)" in text
 
+    # Cached against online distillation on this run: both modes train, the figures are consistent.
+    from distill.mode_cost import measure_modes
+
+    cost = measure_modes(run_dir, steps=2, progress=False)
+    assert cost["student"] == "unet_small" and cost["cached_s_per_step"] > 0 and cost["online_s_per_step"] > 0
+    assert cost["online_over_cached"] == pytest.approx(cost["online_s_per_step"] / cost["cached_s_per_step"])
+    assert cost["cache_cases"] == 4 and cost["size_ratio"] > 1  # fp16 at half resolution vs float32
+    assert json.loads((run_dir / "mode_cost.json").read_text())["steps"] == 2
+
     # One experiment named after the run, a parent run and nested stage runs, the config verbatim.
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("demo")
