@@ -81,7 +81,7 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     """
     from data.checks import check_dataset
     from data.dataset import load_dataset, make_split
-    from data.stats import compute_intensity_stats, preprocess_spec
+    from data.stats import compute_intensity_stats, compute_zscore_stats, preprocess_spec
 
     data_dir = Path(data_dir)
     dcfg = cfg["data"]
@@ -121,6 +121,8 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     stats = None
     if cfg["preprocess"].get("intensity") == "percentile":
         stats = compute_intensity_stats(dataset, [c["case_id"] for c in train], data_dir / "stats.json")
+    elif cfg["preprocess"].get("intensity") == "zscore":
+        stats = compute_zscore_stats(dataset, [c["case_id"] for c in train], data_dir / "zscore_stats.json")
     spec = preprocess_spec(cfg["preprocess"], stats)
     labels = {int(k): str(v) for k, v in dataset.labels.items()}
     prepared = PreparedData(root=str(Path(root).resolve()), labels=labels, preprocess=spec, train=train, val=val, unlabelled=unlabelled)

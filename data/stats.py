@@ -1,8 +1,17 @@
-"""Foreground intensity statistics of the training cases, and the preprocessing spec built from them.
+"""Intensity statistics of the training cases, and the preprocessing spec built from them.
 
-As in nnU-Net's CT normalisation, the statistics are taken over foreground (label > 0) voxels only: the
-0.5 / 99.5 percentiles give the clipping window and the mean / std the z-score. Percentiles come from a
-bounded random sample of voxels per case (memory stays bounded on large datasets); mean and std are exact.
+Two normalisations from statistics (``preprocess.intensity``):
+
+- ``percentile`` (nnU-Net's CT normalisation): statistics over foreground (label > 0) voxels only; the
+  0.5 / 99.5 percentiles give the clipping window and the mean / std the z-score. Percentiles come from a
+  bounded random sample of voxels per case (memory stays bounded on large datasets); mean and std are exact.
+- ``zscore`` (SAM-Med3D's normalisation): mean / std over the image voxels above 0 HU (soft tissue and
+  bone; air and fat left out), no label needed, no HU window (the spec's clip bounds are the training
+  images' own minimum and maximum, so clipping changes no training voxel). SAM-Med3D takes these
+  statistics per volume; here they are pooled over the training cases, because the preprocessing spec is
+  shared by the teacher, the students and the torch-free deployment runtime, which apply one fixed
+  ``(x - mean) / std``. Within one CT protocol the per-volume values differ little.
+
 Results are cached as JSON keyed by the case list and the files' sizes and modification times.
 """
 from __future__ import annotations
@@ -21,6 +30,8 @@ from data.checks import DataError, load_header, read_array
 from data.dataset import CTDataset
 
 STATS_VERSION = 1
+# SAM-Med3D z-scores with the statistics of the voxels strictly above this value (HU for CT).
+ZSCORE_THRESHOLD_HU = 0.0
 
 
 def ras_spacing(affine: np.ndarray, zooms: Sequence[float]) -> list[float]:
@@ -121,14 +132,74 @@ def compute_intensity_stats(dataset: CTDataset, case_ids: Sequence[str], cache_p
     return stats
 
 
+def compute_zscore_stats(dataset: CTDataset, case_ids: Sequence[str], cache_path: str | Path | None,
+                         threshold: float = ZSCORE_THRESHOLD_HU) -> dict:
+    """Mean and std of the image voxels above ``threshold`` over ``case_ids`` (SAM-Med3D's z-score statistics).
+
+    Args:
+        dataset: the dataset.
+        case_ids: training cases to use (never validation cases).
+        cache_path: JSON cache; reused when its key (case list, file sizes/times, threshold) matches. None
+            disables it.
+        threshold: voxels strictly above it count (0 HU).
+
+    Returns:
+        ``{"mean", "std", "image_min", "image_max", "threshold", "median_spacing_mm": [x, y, z] (RAS order),
+        "counted_voxels", "num_cases", "case_ids", "key"}``; ``image_min``/``image_max`` over all voxels.
+
+    Raises:
+        DataError: no case ids, unreadable files, or no voxel above the threshold.
+    """
+    if not case_ids:
+        raise DataError(f"{dataset.root}: intensity statistics need at least one case")
+    key = config_hash({"kind": "zscore", "threshold": float(threshold), "files": _cache_key(dataset, case_ids, 0)})
+    if cache_path is not None and Path(cache_path).is_file():
+        try:
+            cached = json.loads(Path(cache_path).read_text())
+        except json.JSONDecodeError:
+            cached = None
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached
+    total, total_sum, total_sq = 0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    spacings = []
+    for item in dataset.items(sorted(case_ids)):
+        image = load_header(item["image"])
+        spacings.append(ras_spacing(image.affine, image.header.get_zooms()[:3]))
+        array = read_array(image, item["image"])
+        lo, hi = min(lo, float(array.min())), max(hi, float(array.max()))
+        values = array[array > threshold].astype(np.float64)
+        total += values.size
+        total_sum += float(values.sum())
+        total_sq += float(np.square(values).sum())
+    if total == 0:
+        raise DataError(f"{dataset.root}: no voxel above {threshold} in cases {list(case_ids)[:5]}")
+    mean = total_sum / total
+    stats = {
+        "mean": mean,
+        "std": math.sqrt(max(total_sq / total - mean * mean, 0.0)),
+        "image_min": lo,
+        "image_max": hi,
+        "threshold": float(threshold),
+        "median_spacing_mm": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
+        "counted_voxels": int(total),
+        "num_cases": len(case_ids),
+        "case_ids": sorted(case_ids),
+        "key": key,
+    }
+    if cache_path is not None:
+        write_json_atomic(cache_path, stats)
+    return stats
+
+
 def preprocess_spec(cfg_preprocess: dict, stats: dict | None = None) -> dict:
     """Build the preprocessing spec of docs/interfaces.md from a config's ``preprocess`` section.
 
     Args:
         cfg_preprocess: ``{"spacing_mm": [x, y, z] | "median" | null, "orientation": "RAS",
-            "intensity": "window" | "percentile", "hu_window": [min, max]}``.
-        stats: from ``compute_intensity_stats``; required for ``intensity: percentile`` and for a median
-            spacing.
+            "intensity": "window" | "percentile" | "zscore", "hu_window": [min, max]}``.
+        stats: from ``compute_intensity_stats`` (``percentile``) or ``compute_zscore_stats`` (``zscore``);
+            required for those two modes and for a median spacing.
 
     Returns:
         ``{"spacing_mm": [...], "orientation": "RAS", "intensity": {"mode", "hu_min", "hu_max", "mean", "std"}}``.
@@ -165,8 +236,15 @@ def preprocess_spec(cfg_preprocess: dict, stats: dict | None = None) -> dict:
                      "mean": float(stats["mean"]), "std": float(stats["std"])}
         if not intensity["std"] > 0:
             raise DataError(f"intensity statistics: foreground std must be > 0, got {intensity['std']}")
+    elif mode == "zscore":
+        if stats is None or "image_min" not in stats:
+            raise DataError("preprocess.intensity: 'zscore' needs the statistics of compute_zscore_stats")
+        intensity = {"mode": "zscore", "hu_min": float(stats["image_min"]), "hu_max": float(stats["image_max"]),
+                     "mean": float(stats["mean"]), "std": float(stats["std"])}
+        if not intensity["std"] > 0:
+            raise DataError(f"intensity statistics: std above {stats.get('threshold')} HU must be > 0, got {intensity['std']}")
     else:
-        raise DataError(f"preprocess.intensity: expected 'window' or 'percentile', got {mode!r}")
+        raise DataError(f"preprocess.intensity: expected 'window', 'percentile' or 'zscore', got {mode!r}")
     if not intensity["hu_min"] < intensity["hu_max"]:
         raise DataError(f"preprocess intensity window must have min < max, got "
                         f"[{intensity['hu_min']}, {intensity['hu_max']}]")

@@ -8,6 +8,15 @@ bytes). Logits are smooth at the scale of a voxel pair (they come out of a decod
 twice), so a trilinear upsample restores them closely; ``tests/test_distill_cache.py`` and the report
 measure the agreement.
 
+A teacher whose logits are natively coarser than its input (SAM-Med3D: ``forward_low_res`` gives 32³ per
+128³ window, ``low_res_factor`` 4; 2 for the ``small``/``tiny`` presets) is cached at that native grid
+instead, whatever ``downsample`` says: the sliding window runs on the native logits (windows placed as
+``evaluation.sliding_window`` places them, their starts aligned to the factor), they are blended there and
+stored as float16; at load they are upsampled ×factor trilinearly and cropped to the case's grid, which is
+what the teacher's own ``forward`` does per window. Nothing finer would be information, and nothing coarser
+is needed. The manifest records ``storage.native_factor`` and, per case, ``native_offset`` (voxels of
+padding before the case on each axis, where a case is smaller than the ROI).
+
 Layout::
 
     <cache_root>/<key>/manifest.json       key inputs, storage format, one entry per case
@@ -52,6 +61,7 @@ def cache_key(
     roi_size: Sequence[int],
     overlap: float,
     downsample: int = 2,
+    native: bool = False,
 ) -> str:
     """Folder name for a cache: everything that changes the stored targets goes into the hash.
 
@@ -61,17 +71,21 @@ def cache_key(
         roi_size: teacher sliding-window ROI ``[X, Y, Z]``.
         overlap: sliding-window overlap.
         downsample: storage downsampling factor per axis.
+        native: the logits are the teacher's native low-res grid (``downsample`` is its factor).
     """
+    fields = {
+        "format": CACHE_FORMAT_VERSION,
+        "teacher_sha256": teacher_sha256,
+        "preprocess": preprocess,
+        "roi_size": [int(r) for r in roi_size],
+        "overlap": float(overlap),
+        "downsample": int(downsample),
+        "dtype": "float16",
+    }
+    if native:  # only then: the keys of existing caches stay what they were
+        fields["native"] = True
     blob = json.dumps(
-        {
-            "format": CACHE_FORMAT_VERSION,
-            "teacher_sha256": teacher_sha256,
-            "preprocess": preprocess,
-            "roi_size": [int(r) for r in roi_size],
-            "overlap": float(overlap),
-            "downsample": int(downsample),
-            "dtype": "float16",
-        },
+        fields,
         sort_keys=True,
         default=str,
     ).encode()
@@ -87,13 +101,95 @@ def compress_logits(logits: torch.Tensor, downsample: int) -> np.ndarray:
     return logits.cpu().numpy().astype(np.float16)
 
 
-def expand_logits(stored: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
-    """Upsample stored ``K x x' x y' x z'`` logits back to ``K x X x Y x Z`` float32 (trilinear)."""
+def expand_logits(stored: np.ndarray, shape: Sequence[int], native_factor: int | None = None,
+                  native_offset: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """Upsample stored ``K x x' x y' x z'`` logits back to ``K x X x Y x Z`` float32 (trilinear).
+
+    Args:
+        stored: the cached logits.
+        shape: the case's grid ``[X, Y, Z]``.
+        native_factor: for natively low-res logits (:func:`predict_native_logits`): upsample by exactly the
+            factor, as the teacher does, then crop ``shape`` from ``native_offset``; None: resize to ``shape``.
+        native_offset: padding voxels before the case on each axis (native logits only).
+    """
     t = torch.from_numpy(np.asarray(stored, dtype=np.float32))
     shape = [int(s) for s in shape]
+    if native_factor:
+        up = F.interpolate(t[None], size=[s * int(native_factor) for s in t.shape[1:]], mode="trilinear",
+                           align_corners=False)[0]
+        (ox, oy, oz), (sx, sy, sz) = [int(o) for o in native_offset], shape
+        return up[:, ox:ox + sx, oy:oy + sy, oz:oz + sz].contiguous()
     if list(t.shape[1:]) == shape:
         return t
     return F.interpolate(t[None], size=shape, mode="trilinear", align_corners=False)[0]
+
+
+def native_low_res_factor(teacher: Any) -> int | None:
+    """Voxels per native logit of a teacher that predicts on a coarser grid (``forward_low_res`` and
+    ``low_res_factor``, e.g. SAM-Med3D), else None."""
+    factor = getattr(teacher, "low_res_factor", None)
+    if factor is None or not callable(getattr(teacher, "forward_low_res", None)):
+        return None
+    return int(factor)
+
+
+def predict_native_logits(
+    teacher: torch.nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    num_classes: int,
+    factor: int,
+    overlap: float = 0.25,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, list[int]]:
+    """Whole-volume logits on the teacher's native grid, and where the volume sits in it.
+
+    MONAI's ``sliding_window_inference`` blends the native ``B x K x roi/f`` window outputs (Gaussian
+    weights, as ``evaluation.sliding_window``). The volume is zero-padded to whole native voxels: along an
+    axis shorter than the ROI it is centred in one window exactly as ``evaluation.sliding_window`` pads it;
+    along a longer axis the pad (< f voxels) goes at the far end and the window step is rounded down to a
+    multiple of ``f``, so that every window starts on a native voxel.
+
+    Args:
+        teacher: a module with ``forward_low_res(B x 1 x roi) -> B x K x roi/f``, on ``device``.
+        image: ``1 x X x Y x Z`` preprocessed volume.
+        roi_size: the teacher's window (multiples of ``f``).
+        num_classes: K, checked.
+        factor: ``f``, the teacher's ``low_res_factor``.
+        overlap: wanted window overlap; the step is ``roi·(1−overlap)`` rounded down to a multiple of ``f``.
+        device: where the windows run.
+
+    Returns:
+        ``(K x P_x/f x P_y/f x P_z/f logits (P: the padded grid), offset [x, y, z] of the volume in P)``;
+        ``expand_logits(logits, shape, f, offset)`` gives the case's ``K x X x Y x Z``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    f = int(factor)
+    roi = [int(r) for r in roi_size]
+    if any(r % f for r in roi):
+        raise CacheError(f"teacher ROI {roi} is not a multiple of its native factor {f}")
+    x = torch.as_tensor(image).float()
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    shape = list(x.shape[1:])
+    padded = [max(r, -(-s // f) * f) for s, r in zip(shape, roi)]
+    offset = [(r - s) // 2 if s < r else 0 for s, r in zip(shape, roi)]
+    x = F.pad(x, [p for s, t, o in zip(reversed(shape), reversed(padded), reversed(offset)) for p in (o, t - s - o)])
+    # MONAI's step is int(roi·(1−overlap)); ask for one that is a multiple of f (the 0.5 keeps int() exact).
+    steps = [max(f, int(r * (1 - overlap)) // f * f) for r in roi]
+    overlaps = [1.0 - (step + 0.5) / r if step < r else 0.0 for step, r in zip(steps, roi)]
+
+    def run(patch: torch.Tensor) -> torch.Tensor:
+        out = teacher.forward_low_res(patch).float()
+        expected = (patch.shape[0], num_classes, *[s // f for s in patch.shape[2:]])
+        if tuple(out.shape) != expected:
+            raise CacheError(f"teacher gave native logits of shape {tuple(out.shape)}, expected {expected}")
+        return out
+
+    with torch.inference_mode():
+        low = sliding_window_inference(x[None].to(device), roi_size=roi, sw_batch_size=1, predictor=run,
+                                       overlap=overlaps, mode="gaussian", sw_device=device, device=device)[0]
+    return low.cpu(), offset
 
 
 class TeacherCache:
@@ -149,7 +245,8 @@ class TeacherCache:
                 stored = npz["logits"]
         except (OSError, KeyError, ValueError) as exc:
             raise CacheError(f"{path}: unreadable teacher cache entry ({exc})") from exc
-        return expand_logits(stored, entry["shape"])
+        return expand_logits(stored, entry["shape"], self.manifest["storage"].get("native_factor"),
+                             entry.get("native_offset", (0, 0, 0)))
 
 
 def build_teacher_cache(
@@ -185,14 +282,20 @@ def build_teacher_cache(
 
     Returns:
         The ``TeacherCache`` holding every case.
+
+    A teacher with native low-res logits (:func:`native_low_res_factor`) is stored at that grid and
+    ``downsample`` does not apply (see the module docstring).
     """
     from evaluation.sliding_window import predict_logits
     from tqdm.auto import tqdm
 
     if int(downsample) < 1:
         raise CacheError(f"downsample must be >= 1, got {downsample}")
+    native = native_low_res_factor(teacher)
+    if native:
+        downsample = native
     teacher_sha = file_sha256(teacher_checkpoint)
-    key = cache_key(teacher_sha, preprocess, roi_size, overlap, downsample)
+    key = cache_key(teacher_sha, preprocess, roi_size, overlap, downsample, native=bool(native))
     directory = Path(cache_root) / key
     manifest_path = directory / "manifest.json"
     if manifest_path.is_file():
@@ -207,7 +310,8 @@ def build_teacher_cache(
             "roi_size": [int(r) for r in roi_size],
             "overlap": float(overlap),
             "num_classes": int(num_classes),
-            "storage": {"dtype": "float16", "downsample": int(downsample), "upsample": "trilinear"},
+            "storage": {"dtype": "float16", "downsample": int(downsample), "upsample": "trilinear",
+                        "native_factor": native},
             "entries": {},
         }
         write_json_atomic(manifest_path, manifest)
@@ -222,19 +326,27 @@ def build_teacher_cache(
             raise CacheError(f"case id {case_id!r} is not a safe file name")
         start = time.perf_counter()
         image = load_case(item)["image"]
-        with torch.inference_mode():
-            logits = predict_logits(teacher, torch.as_tensor(image), roi_size, num_classes, overlap=overlap, device=device)
-        logits = torch.as_tensor(logits)
-        if logits.shape[0] != num_classes:
-            raise CacheError(f"case {case_id!r}: teacher gave {logits.shape[0]} channels, expected {num_classes}")
-        stored = compress_logits(logits, int(downsample))
+        extra = {}
+        if native:
+            low, offset = predict_native_logits(teacher, torch.as_tensor(image), roi_size, num_classes, native, overlap, device)
+            grid = [int(s) for s in torch.as_tensor(image).shape[1:]]
+            stored, extra = low.numpy().astype(np.float16), {"native_offset": offset}
+        else:
+            with torch.inference_mode():
+                logits = predict_logits(teacher, torch.as_tensor(image), roi_size, num_classes, overlap=overlap, device=device)
+            logits = torch.as_tensor(logits)
+            if logits.shape[0] != num_classes:
+                raise CacheError(f"case {case_id!r}: teacher gave {logits.shape[0]} channels, expected {num_classes}")
+            grid = [int(s) for s in logits.shape[1:]]
+            stored = compress_logits(logits, int(downsample))
         file_name = f"{case_id}.npz"
         with atomic_path(directory / file_name, suffix=".npz") as tmp:
             np.savez(tmp, logits=stored)
         manifest["entries"][case_id] = {
             "file": file_name,
-            "shape": [int(s) for s in logits.shape[1:]],
+            "shape": grid,
             "stored_shape": [int(s) for s in stored.shape[1:]],
+            **extra,
             "bytes": (directory / file_name).stat().st_size,
             "labelled": bool(item.get("label")),
             "seconds": round(time.perf_counter() - start, 3),

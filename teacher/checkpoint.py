@@ -168,7 +168,7 @@ def save_teacher(path: str | Path, model: torch.nn.Module, meta: Mapping[str, An
     ckpt.setdefault("num_classes", model.num_classes)
     ckpt["encoder_pretrained"] = bool(getattr(model, "encoder_pretrained", False))
     if ckpt["teacher_cfg"].get("backbone", "sam2d") == "sam_med3d":
-        ckpt.setdefault("roi_size", list(ckpt["teacher_cfg"].get("roi_size") or [128, 128, 128]))
+        ckpt.setdefault("roi_size", [int(model.sam.img_size)] * 3)  # the preset fixes the crop
     else:
         ckpt.setdefault("roi_size", list(model.arch.roi_size))
         # The exact architecture, so a checkpoint rebuilds even if presets change later.
@@ -229,7 +229,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 
 def _load_sam_med3d_teacher(path: Path, ckpt: dict[str, Any], device: str | torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a SAM-Med3D automatic teacher (same frozen/LoRA structure as when it was trained)."""
+    """Rebuild a SAM-Med3D teacher (same frozen/LoRA structure as when it was trained)."""
     from teacher.sam_med3d.auto_teacher import SamMed3DAutoTeacher
     from teacher.sam_med3d.model import build_sam_med3d
 
@@ -245,4 +245,5 @@ def _load_sam_med3d_teacher(path: Path, ckpt: dict[str, Any], device: str | torc
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise TeacherCheckpointError(f"{path}: cannot rebuild the SAM-Med3D teacher ({exc})") from exc
     model.teacher_cfg, model.encoder_pretrained = cfg, pretrained
+    model.grad_checkpointing = bool(cfg.get("grad_checkpointing", False))
     return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}

@@ -12,6 +12,11 @@ voxels outside the crop are background. Two modes:
 - ``points``: clicks only (``use_auto_prompt=False``), the mode point-prompt training teaches;
 - ``auto+points``: the automatic prompt as well, clicks added on top.
 
+A SAM-Med3D teacher (``teacher.backbone: sam_med3d``) answers ``points`` with its own interactive path
+(``teacher.sam_med3d.interactive.SamMed3DClickSegmenter``): a binary mask of the clicked organ, the window
+centred on the first click, and from the second click on the previous low-resolution logits fed back as
+mask prompt, as in the SAM-Med3D paper. Its ``auto+points`` mode is the K-class path above.
+
 Scores are those after each requested click count and the normalised area under the Dice curve, never
 the best over clicks. ``--data`` is a run folder (its validation split, ``data/data.json``) or a dataset
 folder (MSD / nnU-Net raw: all its labelled cases).
@@ -92,6 +97,28 @@ class ClickSegmenter:
         return mask
 
 
+def click_segmenter(model: torch.nn.Module, class_id: int, roi_size: Sequence[int], mode: str,
+                    device: str | torch.device = "cpu") -> Any:
+    """The ``segment_fn`` that answers one target's clicks in ``mode`` (a fresh one per target).
+
+    Args:
+        model: the teacher (eval mode), on ``device``.
+        class_id: the clicked class.
+        roi_size: crop ``[X, Y, Z]`` the teacher accepts.
+        mode: a key of :data:`MODES`.
+        device: where the teacher runs.
+    """
+    from teacher.sam_med3d.auto_teacher import SamMed3DAutoTeacher
+
+    if mode == "points" and isinstance(model, SamMed3DAutoTeacher):
+        from teacher.sam_med3d.interactive import SamMed3DClickSegmenter, SamMed3DTeacher
+
+        if [int(s) for s in roi_size] != [model.sam.img_size] * 3:
+            raise ClickEvalError(f"roi_size {list(roi_size)}: this SAM-Med3D teacher takes {model.sam.img_size}³ crops")
+        return SamMed3DClickSegmenter(SamMed3DTeacher(model.sam))
+    return ClickSegmenter(model, class_id, roi_size, MODES[mode], device)
+
+
 def evaluate_clicks(
     model: torch.nn.Module,
     cases: Sequence[Mapping[str, Any]],
@@ -140,7 +167,7 @@ def evaluate_clicks(
                 if not target.any():
                     continue
                 for mode in modes:
-                    segmenter = ClickSegmenter(model, class_id, roi_size, MODES[mode], device)
+                    segmenter = click_segmenter(model, class_id, roi_size, mode, device)
                     out = click_protocol(segmenter, image, target, spacing_mm, n_clicks, nsd_tolerance_mm)
                     rows.append({"case_id": case_id, "class_id": class_id, "class_name": labels[class_id], "mode": mode,
                                  "dice": out["dice"], "nsd": out["nsd"], "dice_auc": out["dice_auc"]})

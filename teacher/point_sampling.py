@@ -105,3 +105,34 @@ def sample_clicks(
         target_class=torch.tensor(classes, dtype=torch.long, device=device),
         target=torch.stack(targets)[:, None].to(device),
     )
+
+
+def sample_correction_clicks(
+    pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One correction click per crop, where a binary prediction is wrong (SAM-Med3D's iterative training).
+
+    The click is drawn uniformly from the crop's error voxels: positive on a missed target voxel, negative
+    on a false-positive voxel. A crop without error gets a padding click (label -1), which prompts nothing.
+
+    Args:
+        pred: ``B x 1 x X x Y x Z`` bool, the current prediction.
+        target: ``B x 1 x X x Y x Z`` bool (or 0/1), the clicked object.
+        generator: torch RNG; None uses the global one (restored on resume).
+
+    Returns:
+        ``(coords B x 1 x 3 float, labels B x 1 long)`` on ``pred``'s device.
+    """
+    if pred.shape != target.shape or pred.ndim != 5 or pred.shape[1] != 1:
+        raise ClickSamplingError(f"pred and target must both be B x 1 x X x Y x Z, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    pred_cpu, target_cpu = pred.detach().to("cpu").bool()[:, 0], target.detach().to("cpu").bool()[:, 0]
+    coords = torch.zeros(pred.shape[0], 1, 3)
+    labels = torch.full((pred.shape[0], 1), PADDING, dtype=torch.long)
+    for i, (p, t) in enumerate(zip(pred_cpu, target_cpu)):
+        error = p ^ t
+        if not error.any():
+            continue
+        coords[i] = _pick(error, 1, generator)
+        x, y, z = coords[i, 0].long().tolist()
+        labels[i, 0] = POSITIVE if bool(t[x, y, z]) else NEGATIVE
+    return coords.to(pred.device), labels.to(pred.device)

@@ -17,6 +17,12 @@ Prompts (``teacher.prompt_mode``):
   (so a resumed run draws the same sequence); validation is the automatic-prompt Dice, which is what the
   distillation cache uses.
 
+Backbones (``teacher.backbone``): the adapted 2D SAM (default) or ``sam_med3d`` (teacher/sam_med3d/), whose
+crop is fixed by its preset (``teacher.roi_size`` must equal it). With ``sam_med3d`` the click batches train
+SAM-Med3D's own interactive path, one binary mask of the clicked organ with the previous logits as mask
+prompt (``teacher.sam_med3d.interactive.interactive_training_loss``), and ``points`` validation runs it
+through SAM-Med3D's click protocol (``teacher.clicks``).
+
 Under ``torchrun`` the engine wraps the model in DDP (with ``find_unused_parameters``: the prompt branch a
 batch does not use gets no gradient), every rank draws its own crops, rank 0 validates and writes.
 """
@@ -36,6 +42,7 @@ from data.prepare import PreparedData
 PROMPT_MODES = ("auto", "points", "both")
 # The teacher section's keys that define the network (a resumed run must match them); the rest is schedule.
 MODEL_KEYS = ("preset", "arch", "checkpoint", "peft", "lora_rank", "prompt_mode", "roi_size")
+SAM_MED3D_MODEL_KEYS = ("backbone", "apg_hidden")
 
 
 class TeacherTrainError(ValueError):
@@ -112,6 +119,21 @@ def _check_section(tcfg: Mapping[str, Any]) -> None:
             raise TeacherTrainError(f"teacher.{key} must be an integer >= {minimum}, got {value!r}")
 
 
+def _sam_med3d_crop(tcfg: Mapping[str, Any]) -> tuple[list[int], dict]:
+    """The crop ``[S, S, S]`` a SAM-Med3D preset takes, and the preset (checked against ``teacher.roi_size``)."""
+    from teacher.sam_med3d.model import SAM_MED3D_PRESETS
+
+    preset = tcfg.get("preset", "vit_b_ori")
+    if preset not in SAM_MED3D_PRESETS:
+        raise TeacherTrainError(f"teacher.preset={preset!r} is not a SAM-Med3D preset; choose from {sorted(SAM_MED3D_PRESETS)}")
+    crop = [int(SAM_MED3D_PRESETS[preset]["img_size"])] * 3
+    roi = tcfg.get("roi_size")
+    if roi is not None and [int(r) for r in roi] != crop:
+        raise TeacherTrainError(f"teacher.roi_size={list(roi)}: the SAM-Med3D preset {preset!r} takes {crop} crops "
+                                f"(set teacher.roi_size={crop})")
+    return crop, dict(SAM_MED3D_PRESETS[preset])
+
+
 def train_teacher(
     cfg: Mapping[str, Any],
     run_dir: str | Path,
@@ -151,6 +173,7 @@ def train_teacher(
     from teacher.clicks import evaluate_clicks, summarize_clicks
     from teacher.model import count_parameters
     from teacher.point_sampling import sample_clicks
+    from teacher.sam_med3d.interactive import interactive_training_loss
     from training.checkpoint import load_checkpoint
     from training.distributed import get_rank, is_distributed, wrap_model
     from training.loop import TrainSettings, fit
@@ -163,8 +186,12 @@ def train_teacher(
     data = data or PreparedData.load(run_dir / "data" / "data.json")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "teacher"
     num_classes = data.num_classes
-    arch = teacher_arch(tcfg)
-    roi_size = list(arch.roi_size)
+    sam_med3d = tcfg.get("backbone", "sam2d") == "sam_med3d"
+    if sam_med3d:
+        roi_size, arch_params = _sam_med3d_crop(tcfg)
+    else:
+        arch = teacher_arch(tcfg)
+        roi_size, arch_params = list(arch.roi_size), arch.to_dict()
     if roi_size[0] != roi_size[1]:
         # Training crops are rotated by 90 degrees in the axial plane, which swaps X and Y.
         raise TeacherTrainError(f"teacher.roi_size {roi_size}: X and Y must be equal (crops are rotated in the XY plane)")
@@ -189,6 +216,9 @@ def train_teacher(
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),
                          lambda_ce=float(tcfg.get("lambda_ce", 1.0)), batch=bool(tcfg.get("dice_batch", False)))
     max_pos, max_neg = int(tcfg.get("max_positive_clicks", 3)), int(tcfg.get("max_negative_clicks", 2))
+    # SAM-Med3D answers clicks with one binary mask (the clicked organ): a sigmoid DiceCE on it.
+    binary_dice_ce = DiceCELoss(sigmoid=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),
+                                lambda_ce=float(tcfg.get("lambda_ce", 1.0)), batch=bool(tcfg.get("dice_batch", False)))
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         # Plain tensors: a MONAI MetaTensor routes every op of the network through its metadata hooks
@@ -196,6 +226,8 @@ def train_teacher(
         image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)
         label = as_plain_tensor(batch["label"]).to(device, non_blocking=True).long()
         with_points = mode == "points" or (mode == "both" and bool(torch.rand(()) < 0.5))
+        if with_points and sam_med3d:
+            return interactive_training_loss(model, image, label, binary_dice_ce, max_pos, max_neg), {"point_batches": 1.0}
         if with_points:
             clicks = sample_clicks(label, max_pos, max_neg)
             logits = model(image, points=(clicks.coords, clicks.labels), use_auto_prompt=False)
@@ -216,7 +248,7 @@ def train_teacher(
 
     settings = TrainSettings.from_config(tcfg, seed=seed, progress=progress)
     meta = {
-        "teacher_model": {k: tcfg.get(k) for k in MODEL_KEYS},
+        "teacher_model": {k: tcfg.get(k) for k in MODEL_KEYS + (SAM_MED3D_MODEL_KEYS if sam_med3d else ())},
         "num_classes": num_classes,
         "labels": data.labels,
         "preprocess": data.preprocess,
@@ -232,7 +264,7 @@ def train_teacher(
               f"device {device} -> {out_dir}")
     if tracker is not None and not resuming:
         # Params are written once: MLflow refuses to change one, and a resumed run may raise ``steps``.
-        tracker.log_params({"teacher": tcfg, "teacher_arch": arch.to_dict(), "teacher_params": counts,
+        tracker.log_params({"teacher": tcfg, "teacher_arch": arch_params, "teacher_params": counts,
                             "num_classes": num_classes, "train_cases": len(cases), "val_cases": len(val_cases)})
 
     result = fit(net, loss_fn, batches, settings, out_dir, val_fn=val_fn, extra_meta=meta,

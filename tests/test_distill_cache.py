@@ -160,3 +160,67 @@ def test_random_crops_and_flips_keep_image_label_and_teacher_aligned(tmp_path):
                 assert bool(crop["has_label"]) == (case["case_id"] == "lab")
                 checked += 1
     assert checked == 2 * 4 * 3
+
+
+class PoolingTeacher(nn.Module):
+    """A teacher with native low-res logits, like SAM-Med3D: ``forward_low_res`` averages f³ blocks (per-class
+    gain and bias), ``forward`` upsamples them ×f. Its native output does not depend on where a window starts
+    (as long as it starts on a multiple of f), so blending windows must give the pooled volume exactly."""
+
+    low_res_factor = 2
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(-2.0, 2.0, K).view(1, K, 1, 1, 1))
+        self.bias = nn.Parameter(torch.linspace(0.5, -0.5, K).view(1, K, 1, 1, 1))
+
+    def forward_low_res(self, x):
+        return torch.nn.functional.avg_pool3d(x, self.low_res_factor) * self.gain + self.bias
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.forward_low_res(x), size=x.shape[2:], mode="trilinear",
+                                               align_corners=False)
+
+
+def test_native_low_res_teacher_is_cached_at_its_own_grid_across_overlapping_windows(tmp_path):
+    teacher = PoolingTeacher()
+    ckpt = write_checkpoint(tmp_path / "pool.pt", teacher)
+    # X and Y longer than the 16³ ROI (several windows, odd sizes), Z shorter (padded, centred as MONAI does).
+    volume = smooth_volume(3, shape=(37, 30, 11))
+    cache = build(tmp_path, teacher, ckpt, {"big": volume}, downsample=1)  # downsample does not apply
+    assert cache.manifest["storage"]["native_factor"] == 2 and cache.manifest["storage"]["downsample"] == 2
+    entry = cache.entries["big"]
+    assert entry["shape"] == [37, 30, 11] and entry["stored_shape"] == [19, 15, 8]  # ceil(/2), Z padded to 16
+    assert entry["native_offset"] == [0, 0, 2]  # (16 - 11) // 2 voxels of padding before the case along Z
+
+    padded = np.zeros((1, 38, 30, 16), np.float32)
+    padded[:, :37, :, 2:13] = volume
+    expected_native = teacher.forward_low_res(torch.from_numpy(padded)[None])[0].detach()
+    with np.load(cache.directory / entry["file"]) as npz:
+        stored = torch.from_numpy(npz["logits"].astype(np.float32))
+    torch.testing.assert_close(stored, expected_native, atol=2e-2, rtol=1e-3)  # float16 storage
+
+    restored = cache.load("big", [37, 30, 11])
+    upsampled = torch.nn.functional.interpolate(expected_native[None], scale_factor=2, mode="trilinear",
+                                                align_corners=False)[0]
+    torch.testing.assert_close(restored, upsampled[:, :37, :, 2:13], atol=2e-2, rtol=1e-3)
+    # Keyed apart from a full-resolution cache of the same teacher.
+    sha = file_sha256(ckpt)
+    assert cache.directory.name == cache_key(sha, SPEC, ROI, 0.25, 2, native=True) != cache_key(sha, SPEC, ROI, 0.25, 2)
+
+
+def test_sam_med3d_cache_restores_what_the_teacher_predicts_in_one_window(tmp_path):
+    from evaluation.sliding_window import predict_logits
+    from teacher.sam_med3d.build import build_sam_med3d_teacher
+
+    torch.manual_seed(0)
+    teacher = build_sam_med3d_teacher({"preset": "tiny", "apg_hidden": 8}, K).eval()  # 32³ crops, 16³ logits
+    with torch.no_grad():  # a non-zero auto prompt, so that the classes differ
+        teacher.auto_prompt.out.weight.normal_(0, 0.5)
+    ckpt = write_checkpoint(tmp_path / "sam_med3d.pt", teacher)
+    volume = np.random.default_rng(0).normal(size=(1, 27, 32, 21)).astype(np.float32)  # one padded window
+    cache = build_teacher_cache(teacher, [{"case_id": "c", "image": "c.nii.gz"}], volumes_loader({"c": volume}),
+                                tmp_path / "cache", ckpt, SPEC, [32, 32, 32], K, downsample=2, progress=False)
+    assert cache.entries["c"]["stored_shape"] == [16, 16, 16] and cache.entries["c"]["native_offset"] == [2, 0, 5]
+    exact = torch.as_tensor(predict_logits(teacher, torch.from_numpy(volume), [32, 32, 32], K))
+    torch.testing.assert_close(cache.load("c", [27, 32, 21]), exact, atol=5e-3, rtol=1e-2)

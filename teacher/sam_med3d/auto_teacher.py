@@ -1,4 +1,4 @@
-"""Automatic multi-class SAM-Med3D teacher: no clicks, K classes (background included), for distillation.
+"""SAM-Med3D teacher: automatic multi-class prompts (for distillation) and SAM-Med3D's own clicks.
 
 How K classes come out of a decoder built for one mask: one decoder pass per class, batched. Each pass
 gets the same image embedding, the same dense prompt (SAM-Med3D's "no mask" embedding plus the auto
@@ -7,14 +7,20 @@ the decoder's single-mask output of pass k is class k's logit map. This keeps ev
 weight loadable and used as published (k extra mask tokens would change ``mask_tokens``' shape); the
 decoder is cheap next to the encoder (8³ image tokens), so K passes cost little.
 
+The interactive path (``use_auto_prompt=False``) is SAM-Med3D's own, untouched: clicks as sparse prompt,
+the previous prediction's low-resolution logits (or "no mask") as dense prompt, one binary mask out.
+``teacher.train`` trains it in ``prompt_mode: points``; ``teacher.clicks`` evaluates it with
+``SamMed3DClickSegmenter`` on ``self.sam`` (the same weights, LoRA included).
+
 Fine-tuning is parameter-efficient when real weights are loaded: the image and prompt encoders are frozen
 and LoRA (rank r, q and v of every fused qkv) is the only trainable part of the encoder; the decoder,
 the APG and the class tokens train fully. From random weights nothing is frozen (frozen random weights
 carry nothing).
 
-Distillation cache: store ``forward_low_res`` output, the native ``B x K x 32³`` logits of each 128³
-window, as float16 (64× smaller than full-resolution logits), and upsample ×4 trilinearly at load time
-(``upsample_logits``) — that is exactly what ``forward`` computes.
+Distillation cache (``distill.cache``): the teacher's logits are computed at their native resolution,
+``forward_low_res`` (``B x K x 32³`` per 128³ window, 1/``low_res_factor`` per axis), blended over the
+sliding windows on that grid, stored as float16, and upsampled ×``low_res_factor`` trilinearly at load
+time (``upsample_logits``), which is exactly the step ``forward`` ends with.
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ class SamMed3DAutoTeacher(nn.Module):
         peft: ``lora`` (frozen encoder + LoRA on qkv) or ``none`` (everything trains) — applies when
             ``freeze_encoder`` is True.
         lora_rank: LoRA rank.
-        freeze_encoder: freeze the pretrained image and prompt encoders (True when weights were loaded).
+        freeze_encoder: the encoders hold pretrained weights (True when a checkpoint was loaded): with ``lora``
+            they are frozen and LoRA is added.
         apg_hidden: width of the auto prompt generator.
     """
 
@@ -73,11 +80,23 @@ class SamMed3DAutoTeacher(nn.Module):
         unused = [sam.mask_decoder.iou_prediction_head, *sam.mask_decoder.output_hypernetworks_mlps[1:]]
         for p in (p for m in unused for p in m.parameters()):
             p.requires_grad_(False)
-        if freeze_encoder:
+        if freeze_encoder and peft == "lora":  # peft "none" fine-tunes the pretrained encoders in full
             for p in list(sam.image_encoder.parameters()) + list(sam.prompt_encoder.parameters()):
                 p.requires_grad_(False)
-            if peft == "lora":
-                inject_lora_qkv(sam.image_encoder, lora_rank)
+            inject_lora_qkv(sam.image_encoder, lora_rank)
+
+    @property
+    def low_res_factor(self) -> int:
+        """Voxels per native logit along each axis (4 for ViT-B: 128³ crops, 32³ logits)."""
+        return self.sam.img_size // self.sam.low_res_size[0]
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.sam.image_encoder.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enabled: bool) -> None:
+        self.sam.image_encoder.grad_checkpointing = bool(enabled)
 
     def forward_low_res(
         self, image: torch.Tensor, points: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -104,8 +123,53 @@ class SamMed3DAutoTeacher(nn.Module):
         )
         return logits.reshape(b, k, *logits.shape[2:])
 
-    def forward(
-        self, image: torch.Tensor, points: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    def interactive_low_res(
+        self,
+        image: torch.Tensor,
+        points: Optional[tuple[torch.Tensor, torch.Tensor]],
+        mask_inputs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Image ``B x 1 x X x Y x Z`` (X = Y = Z = 128, preprocessed) → logits ``B x K x X x Y x Z``."""
-        return upsample_logits(self.forward_low_res(image, points), tuple(image.shape[2:]))
+        """SAM-Med3D's click path: image ``B x 1 x 128³`` and clicks → one binary mask's logits ``B x 1 x 32³``.
+
+        Args:
+            image: preprocessed crop.
+            points: ``(coords B x N x 3, labels B x N)`` in crop voxels (X, Y, Z), labels 1/0/-1.
+            mask_inputs: the previous prediction's logits as dense prompt, low-res ``B x 1 x 32³`` or
+                full-res ``B x 1 x 128³`` (resized trilinearly, as SAM-Med3D does); None = no mask.
+        """
+        if mask_inputs is not None and tuple(mask_inputs.shape[2:]) != self.sam.low_res_size:
+            mask_inputs = F.interpolate(mask_inputs.float(), size=self.sam.low_res_size, mode="trilinear",
+                                        align_corners=False)
+        logits, _ = self.sam.decode(self.sam.image_encoder(image), points, mask_inputs)
+        return logits
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        points: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        use_auto_prompt: bool = True,
+        mask_inputs: Optional[torch.Tensor] = None,
+        low_res: bool = False,
+    ) -> torch.Tensor:
+        """Segment a crop (the signature of ``teacher.model.Teacher3D`` plus SAM-Med3D's mask prompt).
+
+        Args:
+            image: ``B x 1 x X x Y x Z`` (X = Y = Z = 128, preprocessed).
+            points: optional clicks ``(coords B x N x 3, labels B x N)``, voxel coordinates X, Y, Z; labels
+                1 positive, 0 negative, -1 padding.
+            use_auto_prompt: True: the automatic K-class prediction (clicks, if any, added to every class
+                pass); False: SAM-Med3D's interactive binary prediction (``interactive_low_res``).
+            mask_inputs: previous logits for the interactive path (ignored with the automatic prompt).
+            low_res: return the native logits instead of upsampling them to the crop.
+
+        Returns:
+            logits ``B x K x X x Y x Z`` (automatic) or ``B x 1 x X x Y x Z`` (interactive); at 1/``low_res_factor``
+            per axis with ``low_res``.
+        """
+        if use_auto_prompt:
+            low = self.forward_low_res(image, points)
+        else:
+            if points is None and mask_inputs is None:
+                raise ValueError("the interactive path needs clicks or a mask prompt (use_auto_prompt=False)")
+            low = self.interactive_low_res(image, points, mask_inputs)
+        return low if low_res else upsample_logits(low, tuple(image.shape[2:]))

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from teacher.neck import LayerNorm3d
 
@@ -305,6 +306,8 @@ class ImageEncoderViT3D(nn.Module):
             nn.Conv3d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm3d(out_chans),
         )
+        # Recompute each block's activations in the backward pass (GPU memory for time); set by training.
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``B x 1 x S x S x S`` (S = img_size) → embedding ``B x out_chans x S/p x S/p x S/p``."""
@@ -314,5 +317,8 @@ class ImageEncoderViT3D(nn.Module):
             )
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.neck(x.permute(0, 4, 1, 2, 3))

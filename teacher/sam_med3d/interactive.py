@@ -1,12 +1,14 @@
-"""Interactive SAM-Med3D teacher (one binary target, clicks) and the ``segment_fn`` adapter for
-``evaluation.clicks.click_protocol``.
+"""Interactive SAM-Med3D teacher (one binary target, clicks), the ``segment_fn`` adapter for
+``evaluation.clicks.click_protocol``, and the click-training step of ``teacher.train``.
 
 Clicks follow the SAM-Med3D paper: every call gets all clicks so far, and the previous prediction's
-low-resolution logits (32³) are fed back as the dense mask prompt.
+low-resolution logits (32³) are fed back as the dense mask prompt. Training teaches both situations
+(``interactive_training_loss``): a first prediction from clicks alone, and a correction, where the previous
+logits come back as mask prompt together with one more click on an error.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -15,6 +17,10 @@ from torch import nn
 
 from teacher.sam_med3d.model import SamMed3D
 from teacher.sam_med3d.preprocess import crop_or_pad, paste_window, zscore_foreground
+
+# Share of click batches trained as a correction (previous logits + one more click) rather than a first
+# prediction: the evaluation protocol's first click is the one case, its 2nd..10th clicks the other.
+CORRECTION_FRACTION = 0.5
 
 
 class SamMed3DTeacher(nn.Module):
@@ -138,3 +144,45 @@ class SamMed3DClickSegmenter:
         full = F.interpolate(low, size=roi, mode="trilinear", align_corners=False)[0, 0]
         mask = (full > self.threshold).cpu().numpy()
         return paste_window(mask, origin, vol.shape, fill=False)
+
+
+def interactive_training_loss(
+    model: nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    max_positive: int = 3,
+    max_negative: int = 2,
+) -> torch.Tensor:
+    """One click-training step of a ``SamMed3DAutoTeacher`` (or its DDP wrapper) on a batch of crops.
+
+    Clicks and the binary target come from ``teacher.point_sampling.sample_clicks`` (one organ per crop).
+    With probability ``CORRECTION_FRACTION`` (global RNG, so a resumed run draws the same) the step is a
+    correction: a first prediction without gradient, one more click drawn from its errors
+    (``sample_correction_clicks``), and the loss on the prediction from all clicks with the first
+    prediction's low-res logits as mask prompt; otherwise the loss is on the prediction from the clicks alone.
+
+    Args:
+        model: called as ``model(image, points=..., use_auto_prompt=False, mask_inputs=..., low_res=...)``.
+        image: ``B x 1 x S³`` crops.
+        label: ``B x 1 x S³`` integer labels.
+        loss: binary loss on (logits ``B x 1 x S³``, target ``B x 1 x S³`` float), e.g. a sigmoid DiceCE.
+        max_positive: most positive clicks per crop.
+        max_negative: most negative clicks per crop.
+
+    Returns:
+        the scalar loss.
+    """
+    from teacher.point_sampling import sample_clicks, sample_correction_clicks
+
+    clicks = sample_clicks(label, max_positive, max_negative)
+    target = (clicks.target > 0).float()
+    coords, labels, previous = clicks.coords, clicks.labels, None
+    if bool(torch.rand(()) < CORRECTION_FRACTION):
+        with torch.no_grad():
+            previous = model(image, points=(coords, labels), use_auto_prompt=False, low_res=True)
+        first = F.interpolate(previous.float(), size=image.shape[2:], mode="trilinear", align_corners=False) > 0
+        extra_coords, extra_labels = sample_correction_clicks(first, target.bool())
+        coords, labels = torch.cat([coords, extra_coords], dim=1), torch.cat([labels, extra_labels], dim=1)
+    logits = model(image, points=(coords, labels), use_auto_prompt=False, mask_inputs=previous)
+    return loss(logits.float(), target)

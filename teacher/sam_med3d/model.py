@@ -2,8 +2,9 @@
 
 ``vit_b_ori`` is the published architecture of ``sam_med3d_turbo.pth`` and the paper's ViT-B model:
 128³ crops, 16³ patches (8³ tokens), width 768, 12 blocks × 12 heads, window 14 with global attention in
-blocks 2, 5, 8, 11, neck to 384, prompt/decoder width 384, low-res masks 32³. ``tiny`` keeps every code
-path at a size that runs in milliseconds on a CPU (tests, demos without weights).
+blocks 2, 5, 8, 11, neck to 384, prompt/decoder width 384, low-res masks 32³. ``small`` is the same design
+at the scale of the 4 mm phantoms (64³ crops, 8³ tokens, width 96, 4 blocks) for CPU demos; ``tiny`` keeps
+every code path at a size that runs in milliseconds on a CPU (tests).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ SAM_MED3D_PRESETS: dict[str, dict[str, Any]] = {
     "vit_b_ori": dict(
         img_size=128, patch_size=16, embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
         window_size=14, prompt_dim=384, mask_in_chans=16, decoder_mlp_dim=2048, decoder_heads=8,
+    ),
+    # The 4 mm phantoms on a CPU (configs/sam_med3d_demo.yaml): a 64³ crop (256 mm, a whole phantom) in 8³
+    # tokens of 8³ voxels, ViT-B's token grid and decoder unchanged (low-res logits 32³, 1/2 per axis).
+    "small": dict(
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4, global_attn_indexes=(1, 3),
+        window_size=4, prompt_dim=96, mask_in_chans=16, decoder_mlp_dim=256, decoder_heads=4,
     ),
     "tiny": dict(
         img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, global_attn_indexes=(1,),

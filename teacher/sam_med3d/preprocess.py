@@ -6,10 +6,13 @@
    For CT in Hounsfield units "> 0" keeps soft tissue and bone and leaves out air and fat; no HU window
    is applied first.
 
-Step 1 is our preprocess spec's job (``data.transforms`` / ``deploy``): ``sam_med3d_preprocess_spec()``
-states it. Step 3 differs from the spec's dataset-level ``zscore`` (fixed mean/std): its statistics are
-per volume, so the spec marks it ``"stats": "per_volume_foreground"`` with ``mean``/``std`` null, and
-``zscore_foreground`` below is the arithmetic (numpy, no torch, so ``deploy`` can reuse it verbatim).
+``sam_med3d_preprocess_spec()`` states these rules; ``zscore_foreground`` below is step 3's arithmetic
+(numpy, no torch), used on raw volumes by ``SamMed3DClickSegmenter(zscore=True)``. In the pipeline, where
+one preprocessing spec serves teacher, students and ``deploy``, step 1 is the spec's job (``data.transforms``
+/ ``deploy``) and step 3 is ``preprocess.intensity: zscore`` (``data.stats``): the same statistics over
+voxels > 0, pooled over the training cases, since a spec applies one fixed ``(x - mean) / std``
+(``configs/sam_med3d.yaml``). The per-volume spec here (``mean``/``std`` null) is a description, not a spec
+``data.transforms`` applies.
 """
 from __future__ import annotations
 
