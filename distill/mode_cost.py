@@ -17,7 +17,6 @@ Writes ``<run>/mode_cost.json`` (atomically) and prints a short table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.atomic import write_json_atomic
+from distill.stages import stage_artifact
 
 
 class ModeCostError(ValueError):
@@ -33,26 +33,14 @@ class ModeCostError(ValueError):
 
 def _find_cache(run: Path) -> Path:
     """The pipeline's cache folder (``<run>/cache/<key>``, from the stage record when there is one)."""
-    record = run / "cache" / "stage.json"
-    if record.is_file():
-        artifacts = json.loads(record.read_text()).get("artifacts", {})
-        if artifacts.get("cache") and (Path(artifacts["cache"]) / "manifest.json").is_file():
-            return Path(artifacts["cache"])
+    recorded = stage_artifact(run / "cache", "cache")
+    if recorded is not None and (recorded / "manifest.json").is_file():
+        return recorded
     found = sorted(p.parent for p in (run / "cache").glob("*/manifest.json"))
     if len(found) != 1:
         raise ModeCostError(f"{run / 'cache'}: expected one teacher cache (a */manifest.json), found {len(found)}; "
                             "run the pipeline's cache stage first")
     return found[0]
-
-
-def _stage_artifact(run: Path, stage_dir: str, name: str, fallback: Path) -> Path:
-    """An artifact path from a stage record (``<run>/<stage_dir>/stage.json``), else ``fallback``."""
-    record = run / stage_dir / "stage.json"
-    if record.is_file():
-        path = json.loads(record.read_text()).get("artifacts", {}).get(name)
-        if path and Path(path).is_file():
-            return Path(path)
-    return fallback
 
 
 def _run_config(run: Path) -> dict[str, Any]:
@@ -83,7 +71,7 @@ def measure_modes(run: str | Path, student: str | None = None, steps: int = 12, 
 
     run = Path(run).resolve()
     data_json = run / "data" / "data.json"
-    teacher_pt = _stage_artifact(run, "teacher", "teacher", run / "teacher" / "teacher.pt")
+    teacher_pt = stage_artifact(run / "teacher", "teacher") or run / "teacher" / "teacher.pt"
     for path in (data_json, teacher_pt):
         if not path.is_file():
             raise ModeCostError(f"{path}: missing; run `python distill/run.py` for this run folder first")

@@ -110,6 +110,14 @@ def run_stage(
     return broadcast_object(result) if is_distributed() else result
 
 
+def stage_artifact(directory: str | Path, name: str) -> Path | None:
+    """Path of artifact ``name`` recorded by a finished stage in ``directory`` (its ``stage.json``), when it
+    is still on disk; None otherwise."""
+    record = _read(Path(directory) / "stage.json")
+    path = (record or {}).get("artifacts", {}).get(name) if (record or {}).get("status") == "done" else None
+    return Path(path) if path and Path(path).exists() else None
+
+
 def _up_to_date(previous: dict | None, inputs_hash: str) -> dict | None:
     """The previous record when it is done, for the same inputs, with every artifact still on disk."""
     if previous is None or previous.get("inputs_hash") != inputs_hash or previous.get("status") != "done":
