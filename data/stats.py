@@ -59,6 +59,17 @@ def _cache_key(dataset: CTDataset, case_ids: Sequence[str], samples_per_case: in
                         "samples_per_case": samples_per_case})
 
 
+def _cached_stats(cache_path: str | Path | None, key: str) -> dict | None:
+    """Statistics cached at ``cache_path`` under the same ``key``, else None (absent, torn or stale file)."""
+    if cache_path is None or not Path(cache_path).is_file():
+        return None
+    try:
+        cached = json.loads(Path(cache_path).read_text())
+    except json.JSONDecodeError:
+        return None
+    return cached if isinstance(cached, dict) and cached.get("key") == key else None
+
+
 def compute_intensity_stats(dataset: CTDataset, case_ids: Sequence[str], cache_path: str | Path | None,
                             max_samples: int = 1_000_000, seed: int = 0) -> dict:
     """Foreground intensity statistics and median spacing over ``case_ids``.
@@ -81,13 +92,9 @@ def compute_intensity_stats(dataset: CTDataset, case_ids: Sequence[str], cache_p
         raise DataError(f"{dataset.root}: intensity statistics need at least one case")
     per_case = max(1, int(math.ceil(max_samples / len(case_ids))))
     key = _cache_key(dataset, case_ids, per_case)
-    if cache_path is not None and Path(cache_path).is_file():
-        try:
-            cached = json.loads(Path(cache_path).read_text())
-        except json.JSONDecodeError:
-            cached = None
-        if isinstance(cached, dict) and cached.get("key") == key:
-            return cached
+    cached = _cached_stats(cache_path, key)
+    if cached is not None:
+        return cached
     rng = np.random.default_rng(seed)
     samples = []
     total, total_sum, total_sq = 0, 0.0, 0.0
@@ -153,13 +160,9 @@ def compute_zscore_stats(dataset: CTDataset, case_ids: Sequence[str], cache_path
     if not case_ids:
         raise DataError(f"{dataset.root}: intensity statistics need at least one case")
     key = config_hash({"kind": "zscore", "threshold": float(threshold), "files": _cache_key(dataset, case_ids, 0)})
-    if cache_path is not None and Path(cache_path).is_file():
-        try:
-            cached = json.loads(Path(cache_path).read_text())
-        except json.JSONDecodeError:
-            cached = None
-        if isinstance(cached, dict) and cached.get("key") == key:
-            return cached
+    cached = _cached_stats(cache_path, key)
+    if cached is not None:
+        return cached
     total, total_sum, total_sq = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     spacings = []
