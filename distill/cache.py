@@ -165,12 +165,13 @@ def predict_native_logits(
     """
     from monai.inferers import sliding_window_inference
 
+    from evaluation.validation import as_plain_tensor
+
     f = int(factor)
     roi = [int(r) for r in roi_size]
     if any(r % f for r in roi):
         raise CacheError(f"teacher ROI {roi} is not a multiple of its native factor {f}")
-    x = torch.as_tensor(image).float()
-    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    x = as_plain_tensor(image).float()
     shape = list(x.shape[1:])
     padded = [max(r, -(-s // f) * f) for s, r in zip(shape, roi)]
     offset = [(r - s) // 2 if s < r else 0 for s, r in zip(shape, roi)]

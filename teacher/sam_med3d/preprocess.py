@@ -95,12 +95,8 @@ def crop_or_pad(
             start = -((r - size) // 2)
         origin.append(start)
     out = np.full(volume.shape[:-3] + tuple(roi), pad_value, dtype=volume.dtype)
-    src, dst = [], []
-    for size, r, o in zip(shape, roi, origin):
-        lo, hi = max(o, 0), min(o + r, size)
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - o, hi - o))
-    out[(..., *dst)] = volume[(..., *src)]
+    in_volume, in_window = _overlap(shape, roi, origin)
+    out[(..., *in_window)] = volume[(..., *in_volume)]
     return out, tuple(origin)
 
 
@@ -110,10 +106,17 @@ def paste_window(
     """Inverse of ``crop_or_pad``: place ``window`` (``(..., *roi)``) at ``origin`` in a ``shape`` array."""
     roi = window.shape[-3:]
     out = np.full(window.shape[:-3] + tuple(shape), fill, dtype=window.dtype)
-    src, dst = [], []
+    in_volume, in_window = _overlap(shape, roi, origin)
+    out[(..., *in_volume)] = window[(..., *in_window)]
+    return out
+
+
+def _overlap(shape: Sequence[int], roi: Sequence[int], origin: Sequence[int]) -> tuple[list[slice], list[slice]]:
+    """Where a window of size ``roi`` placed at ``origin`` overlaps a volume of ``shape``: the slices of that
+    overlap in volume coordinates and in window coordinates."""
+    in_volume, in_window = [], []
     for size, r, o in zip(shape, roi, origin):
         lo, hi = max(o, 0), min(o + r, size)
-        dst.append(slice(lo, hi))
-        src.append(slice(lo - o, hi - o))
-    out[(..., *dst)] = window[(..., *src)]
-    return out
+        in_volume.append(slice(lo, hi))
+        in_window.append(slice(lo - o, hi - o))
+    return in_volume, in_window
