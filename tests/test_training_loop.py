@@ -70,7 +70,7 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_a_finished_run_returns_its_result_without_training(tmp_path):
+def test_a_finished_run_returns_its_result_without_training(tmp_path, capsys):
     first = fit(new_model(), loss_fn, random_batches(), settings(steps=10), tmp_path, val_fn=make_val_fn())
 
     def no_batches():
@@ -79,6 +79,9 @@ def test_a_finished_run_returns_its_result_without_training(tmp_path):
 
     again = fit(new_model(), loss_fn, no_batches(), settings(steps=10), tmp_path, val_fn=make_val_fn())
     assert again.resumed_from == 10 and again.best_metric == first.best_metric and again.history == first.history
+    # A process killed after its last checkpoint (e.g. an Optuna trial before it was marked complete) says it
+    # resumed even though nothing is left to train.
+    assert "resumed at step 10; all 10 steps already trained" in capsys.readouterr().out
 
 
 def test_raising_steps_extends_a_finished_run(tmp_path):

@@ -269,6 +269,8 @@ def fit(
         )
 
     if step >= cfg.steps:
+        if main and resumed_from is not None:  # killed after its last checkpoint: say so, nothing is left to do
+            tqdm.write(f"fit {out_dir}: resumed at step {step}; all {cfg.steps} steps already trained")
         return result()
 
     progress = tqdm(
