@@ -64,7 +64,7 @@ def wait_for(condition, process, log, timeout_s):
             return
         if process.poll() is not None:
             pytest.fail(f"tuning process exited early ({process.returncode}):\n{Path(log).read_text()[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(0.1)
     process.kill()
     pytest.fail(f"condition not reached in {timeout_s} s:\n{Path(log).read_text()[-3000:]}")
 
@@ -81,8 +81,10 @@ def test_a_study_killed_mid_trial_restarts_keeps_finished_trials_and_retries_the
     _, data, cache_dir = inputs
     run_dir = new_run_dir(tmp_path, data)
     storage = f"sqlite:///{run_dir}/optuna.db"
+    # 16-step trials reporting every 2 steps: after trial 1's first report there are ~14 steps left in which to
+    # kill it (4-step trials could finish between two polls on a fast machine, and the process then exited)
     cmd = tune_command(run_dir, "--cache", str(cache_dir), f"data.source={data.root}", *OVERRIDES,
-                       "tune.trials=2", "tune.heartbeat_s=1", "tune.grace_s=3")
+                       "tune.trials=2", "tune.heartbeat_s=1", "tune.grace_s=3", "tune.steps_per_trial=16")
     log = tmp_path / "first.log"
     first = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
