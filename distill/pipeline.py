@@ -16,6 +16,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from configs import config_hash
-from data.atomic import write_json_atomic, write_text_atomic
+from data.atomic import atomic_path, write_json_atomic, write_text_atomic
 from data.prepare import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
 from distill.train import StudentResult, train_student
@@ -181,12 +182,41 @@ class Pipeline:
             write_json_atomic(directory / "summary.json", summary)
             return {"summary": str(directory / "summary.json")}, {
                 "best_lambda": float(summary["best_lambda"]), "best_dice": summary.get("best_dice"),
-                "endpoints": summary.get("endpoints"), "trials": summary.get("trials")}
+                "best_trial": summary.get("best_trial"),
+                "best_params": summary.get("best_params", {}), "endpoints": summary.get("endpoints"),
+                "trials": summary.get("trials"), "complete_trials": summary.get("complete_trials", [])}
 
         record = self._stage("tune", self.run_dir / "tune_stage", inputs, body, all_ranks=True)
         self.cfg["distill"]["lambda_kd"] = float(record.info["best_lambda"])
-        self.log(f"[tune] students train with the best λ = {self.cfg['distill']['lambda_kd']:.4g}")
+        searched = {k: v for k, v in (record.info.get("best_params") or {}).items() if k in ("temperature", "lr")}
+        self.cfg["distill"].update(searched)  # a searched temperature or lr goes with the best λ
+        self.log(f"[tune] students train with the best λ = {self.cfg['distill']['lambda_kd']:.4g}"
+                 + "".join(f", {k} = {v:.4g}" for k, v in searched.items()))
         return dict(record.info)
+
+    def trial_to_continue(self, name: str, lambda_kd: float, steps: int | None = None) -> dict | None:
+        """The completed tuning trial a final student can continue instead of starting over, or None.
+
+        A trial qualifies when it trained the same student with the same λ (and temperature and lr) and is a
+        prefix of the final run: it trained the full budget, or fewer steps under a constant schedule (the
+        learning rate then does not depend on the budget). The student then resumes from the trial's checkpoint
+        as from a killed run of its own; the engine's resume check still refuses it if any setting differs.
+        """
+        tune_cfg = self.cfg.get("tune", {})
+        record = self.records.get("tune")
+        if record is None or not tune_cfg.get("continue_trials", True):
+            return None
+        dcfg = self.cfg["distill"]
+        budget = int(steps if steps is not None else dcfg["steps"])
+        trial_steps = int(tune_cfg["steps_per_trial"])
+        if not (trial_steps == budget or (trial_steps < budget and dcfg.get("schedule", "poly") == "constant")):
+            return None
+        for trial in record.info.get("complete_trials", []):
+            same = (trial.get("student") == name and float(trial["lambda_kd"]) == float(lambda_kd)
+                    and all(trial.get(k) is None or float(trial[k]) == float(dcfg[k]) for k in ("temperature", "lr")))
+            if same and trial.get("out_dir") and (Path(trial["out_dir"]) / "last.pt").is_file():
+                return trial
+        return None
 
     # -- students -----------------------------------------------------------------------------------------
     def stage_students(self, teacher_ckpt: Path | None, cache_dir: Path | None) -> list[StudentResult]:
@@ -215,7 +245,12 @@ class Pipeline:
             "seed": self.cfg["run"].get("seed", 0),
         }
 
+        trial = self.trial_to_continue(name, lambda_kd, steps)
+        inputs["continues_trial"] = None if trial is None else {k: trial[k] for k in ("number", "out_dir", "last_step")}
+
         def body(out: Path) -> tuple[dict[str, str], dict]:
+            if trial is not None:
+                self._start_from_trial(trial, out)
             result = train_student(self.cfg, self.run_dir, name, lambda_kd, teacher_ckpt if uses_teacher else None,
                                    cache_dir if uses_teacher else None, self.tracker, out_dir=out, steps=steps, data=data)
             barrier()  # rank 0 writes student.pt after fit; the record must not be read before
@@ -223,6 +258,19 @@ class Pipeline:
 
         record = self._stage(f"student {folder}", directory, inputs, body, all_ranks=True)
         return StudentResult(**record.info)
+
+    def _start_from_trial(self, trial: Mapping[str, Any], out: Path) -> None:
+        """Copy a tuning trial's checkpoints into a student folder that has none (the trial stays intact)."""
+        source = Path(trial["out_dir"])
+        if is_main_process() and not (out / "last.pt").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for file in ("best.pt", "last.pt"):  # last.pt last: its presence marks a complete copy
+                if (source / file).is_file():
+                    with atomic_path(out / file) as tmp:
+                        shutil.copyfile(source / file, tmp)
+            self.log(f"[student] continues tuning trial {trial['number']} ({source}, {trial['last_step']} steps "
+                     f"trained, Dice {trial['dice']:.4f}) instead of starting over")
+        barrier()
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def stage_evaluation(self, teacher_ckpt: Path | None, students: list[StudentResult]) -> dict:

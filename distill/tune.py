@@ -687,7 +687,10 @@ def summarize_study(study: optuna.Study, run_dir: str | Path, tracker: Any = Non
         "best_params": {k: best[k] for k in ("lambda_kd", "student", "temperature", "lr") if best.get(k) is not None},
         "best_checkpoint": best["checkpoint"],
         "endpoints": {"lambda_0": endpoint(0.0), "lambda_1": endpoint(1.0)},
-        "final": "retrain the final student with best_params for the full distill.steps (trials are short)",
+        "final": ("the final students train with best_params for distill.steps; one whose student, λ and settings "
+                  "match a completed trial continues that trial's checkpoint (docs/tuning.md)"),
+        "complete_trials": [{k: r[k] for k in ("number", "student", "lambda_kd", "temperature", "lr", "dice",
+                                               "last_step", "out_dir")} for r in rows if r["state"] == "COMPLETE"],
         "trials": {"complete": counts.by_state["COMPLETE"], "pruned": counts.by_state["PRUNED"],
                    "failed": counts.failed, "running": counts.running, "waiting": counts.waiting},
         "artifacts": {k: str(v) for k, v in artifacts.items()},

@@ -105,7 +105,7 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     run_dir = tmp_path / "run"
     tuned = [o for o in overrides(phantom_dataset) if not o.startswith("tune.")] + [
         "tune.enabled=true", "tune.trials=2", "tune.steps_per_trial=2", "tune.report_every=2",
-        "distill.baseline_lambda_zero=false"]
+        "distill.baseline_lambda_zero=false", "distill.steps=4", "distill.schedule=constant"]
     report = main(["--out", str(run_dir), "--teacher", str(teacher), *tuned])
 
     # The two enqueued trials measure both ends of the range; the student then trains with the winner.
@@ -115,3 +115,15 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     assert [s["lambda_kd"] for s in report["students"]] == [tune["best_lambda"]]
     assert (run_dir / "optuna.db").is_file() and (run_dir / "tune_stage" / "summary.json").is_file()
     assert "λ search (Optuna)" in (run_dir / "report.md").read_text()
+
+    # Under a constant schedule the final student continues the best trial (steps 2 -> 4) instead of
+    # starting over; the trial's own checkpoint is left as the study recorded it.
+    from training.checkpoint import load_checkpoint
+
+    best = next(t for t in tune["complete_trials"] if t["number"] == tune["best_trial"])
+    student = load_checkpoint(Path(report["students"][0]["out_dir"]) / "last.pt")
+    history = student["train_state"]["history"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert history[0]["dice"] == pytest.approx(best["dice"])
+    assert load_checkpoint(Path(best["out_dir"]) / "last.pt")["step"] == 2
+    assert report["students"][0]["last_step"] == 4
