@@ -100,10 +100,13 @@ def format_report(report: Mapping[str, Any]) -> str:
     tune = report.get("tune")
     if tune:
         ends = tune.get("endpoints") or {}
+        counts = tune.get("trials") or {}
         lines += ["", "## λ search (Optuna)", "",
                   f"Best λ = {tune['best_lambda']:.3g} (validation Dice {_fmt(tune.get('best_dice'))}); "
-                  f"λ = 0: {_fmt(ends.get('lambda_0'))}; λ = 1: {_fmt(ends.get('lambda_1'))} "
-                  "(short trials; the final students above retrain with the best λ)."]
+                  f"λ = 0: {_fmt(ends.get('lambda_0'))}; λ = 1: {_fmt(ends.get('lambda_1'))}; "
+                  f"trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+                  f"{counts.get('failed', 0)} failed. The final students above train with the best λ; one whose "
+                  "student, λ and settings match a completed trial continues that trial (docs/tuning.md)."]
     lines += ["", "## Stages", "", "| stage | wall s | | artifact |", "|---|---:|---|---|"]
     for name, st in report["stages"].items():
         arts = ", ".join(st["artifacts"].values())
