@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "max_retry": 2,
     "max_consecutive_failures": 3,
     "latency_repeats": 10,
+    "continue_trials": True,
 }
 
 
@@ -115,6 +116,7 @@ class TuneSettings:
     max_retry: int
     max_consecutive_failures: int
     latency_repeats: int
+    continue_trials: bool
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TuneSettings":
