@@ -477,6 +477,8 @@ class TrialObjective:
             if multi:  # Optuna cannot prune multi-objective trials
                 return
             trial.report(dice, int(step))
+            if int(step) >= self.settings.steps_per_trial:  # its whole budget is trained: it completes
+                return
             if trial.should_prune():
                 raise optuna.TrialPruned(f"trial {trial.number}: Dice {dice:.4f} at step {step} is below the pruner's bar")
 

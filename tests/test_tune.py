@@ -146,10 +146,10 @@ def test_bad_settings_and_a_changed_search_space_are_refused_by_name(phantom_dat
     cfg = tiny_config(phantom_dataset)
     for override, key in [("tune.lambda_space=linear", "tune.lambda_space"), ("tune.report_every=8", "tune.report_every"),
                           ("tune.pruner=sometimes", "tune.pruner"), ("tune.heartbeat_s=200", "tune.grace_s"),
-                          ("tune.search_temperature=true", "distill.kd_target=probs"),
+                          ("tune.search_temperature=true distill.kd_target=logits", "distill.kd_target=probs"),
                           ("tune.objectives=[latency]", "tune.objectives")]:
         with pytest.raises(TuneError, match=key.replace(".", r"\.")):
-            TuneSettings.from_config(apply_overrides(cfg, [override]))
+            TuneSettings.from_config(apply_overrides(cfg, override.split()))
     with pytest.raises(TuneError, match="unknown keys"):
         TuneSettings.from_config({**cfg, "tune": {**cfg["tune"], "trails": 3}})
 
