@@ -220,11 +220,26 @@ class Pipeline:
 
     # -- students -----------------------------------------------------------------------------------------
     def stage_students(self, teacher_ckpt: Path | None, cache_dir: Path | None) -> list[StudentResult]:
-        """Each of ``student.names`` at ``distill.lambda_kd``, plus a λ = 0 baseline of the first one."""
+        """Each of ``student.names`` at ``distill.lambda_kd``, then one comparison student of the first name.
+
+        The comparison (``distill.baseline_lambda_zero``) is the λ = 0 baseline when the students distil;
+        when the λ search found λ = 0 best, it is the best completed KD trial (λ > 0) instead, continued like
+        any other matching trial, so the report still sets a KD student beside the label-trained one.
+        """
         lambda_kd = float(self.cfg["distill"]["lambda_kd"])
+        first = self.cfg["student"]["names"][0]
         runs = [(name, lambda_kd) for name in self.cfg["student"]["names"]]
-        if self.cfg["distill"].get("baseline_lambda_zero", True) and lambda_kd > 0:
-            runs.append((self.cfg["student"]["names"][0], 0.0))
+        if self.cfg["distill"].get("baseline_lambda_zero", True):
+            if lambda_kd > 0:
+                runs.append((first, 0.0))
+            else:
+                kd = [t for t in (self.records["tune"].info.get("complete_trials", []) if "tune" in self.records else [])
+                      if t.get("student") == first and float(t["lambda_kd"]) > 0 and t.get("dice") is not None]
+                if kd:
+                    best_kd = max(kd, key=lambda t: t["dice"])
+                    self.log(f"[students] λ = 0 won the search; the best KD trial (λ = {best_kd['lambda_kd']:.4g}, "
+                             f"trial {best_kd['number']}) is the comparison student")
+                    runs.append((first, float(best_kd["lambda_kd"])))
         return [self.stage_student(name, lam, teacher_ckpt, cache_dir) for name, lam in runs]
 
     def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,

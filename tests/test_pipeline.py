@@ -105,14 +105,15 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     run_dir = tmp_path / "run"
     tuned = [o for o in overrides(phantom_dataset) if not o.startswith("tune.")] + [
         "tune.enabled=true", "tune.trials=2", "tune.steps_per_trial=2", "tune.report_every=2",
-        "distill.baseline_lambda_zero=false", "distill.steps=4", "distill.schedule=constant"]
+        "distill.steps=4", "distill.schedule=constant"]
     report = main(["--out", str(run_dir), "--teacher", str(teacher), *tuned])
 
     # The two enqueued trials measure both ends of the range; the student then trains with the winner.
     tune = report["tune"]
     assert tune["best_lambda"] in (0.0, 1.0)
     assert set(tune["endpoints"]) == {"lambda_0", "lambda_1"}
-    assert [s["lambda_kd"] for s in report["students"]] == [tune["best_lambda"]]
+    # The comparison student is the other end: the λ = 0 baseline, or the best KD trial when λ = 0 won.
+    assert [s["lambda_kd"] for s in report["students"]] == [tune["best_lambda"], 1.0 - tune["best_lambda"]]
     assert (run_dir / "optuna.db").is_file() and (run_dir / "tune_stage" / "summary.json").is_file()
     assert "λ search (Optuna)" in (run_dir / "report.md").read_text()
 
@@ -126,4 +127,5 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     assert [h["step"] for h in history] == [2, 4]
     assert history[0]["dice"] == pytest.approx(best["dice"])
     assert load_checkpoint(Path(best["out_dir"]) / "last.pt")["step"] == 2
-    assert report["students"][0]["last_step"] == 4
+    assert [s["last_step"] for s in report["students"]] == [4, 4]
+    assert {"unet_small", "unet_small (λ=0)"} <= set(report["models"])
