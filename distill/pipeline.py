@@ -202,21 +202,27 @@ class Pipeline:
         learning rate then does not depend on the budget). The student then resumes from the trial's checkpoint
         as from a killed run of its own; the engine's resume check still refuses it if any setting differs.
         """
-        tune_cfg = self.cfg.get("tune", {})
-        record = self.records.get("tune")
-        if record is None or not tune_cfg.get("continue_trials", True):
+        from distill.tune import TuneSettings
+
+        settings = TuneSettings.from_config(self.cfg)
+        if "tune" not in self.records or not settings.continue_trials:
             return None
         dcfg = self.cfg["distill"]
         budget = int(steps if steps is not None else dcfg["steps"])
-        trial_steps = int(tune_cfg["steps_per_trial"])
+        trial_steps = settings.steps_per_trial
         if not (trial_steps == budget or (trial_steps < budget and dcfg.get("schedule", "poly") == "constant")):
             return None
-        for trial in record.info.get("complete_trials", []):
+        for trial in self._complete_trials():
             same = (trial.get("student") == name and float(trial["lambda_kd"]) == float(lambda_kd)
                     and all(trial.get(k) is None or float(trial[k]) == float(dcfg[k]) for k in ("temperature", "lr")))
             if same and trial.get("out_dir") and (Path(trial["out_dir"]) / "last.pt").is_file():
                 return trial
         return None
+
+    def _complete_trials(self) -> list[dict]:
+        """The completed trials of this run's λ search (``distill.tune.summarize_study``), [] without one."""
+        record = self.records.get("tune")
+        return list(record.info.get("complete_trials", [])) if record is not None else []
 
     # -- students -----------------------------------------------------------------------------------------
     def stage_students(self, teacher_ckpt: Path | None, cache_dir: Path | None) -> list[StudentResult]:
@@ -233,7 +239,7 @@ class Pipeline:
             if lambda_kd > 0:
                 runs.append((first, 0.0))
             else:
-                kd = [t for t in (self.records["tune"].info.get("complete_trials", []) if "tune" in self.records else [])
+                kd = [t for t in self._complete_trials()
                       if t.get("student") == first and float(t["lambda_kd"]) > 0 and t.get("dice") is not None]
                 if kd:
                     best_kd = max(kd, key=lambda t: t["dice"])
