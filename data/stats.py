@@ -118,22 +118,30 @@ def compute_intensity_stats(dataset: CTDataset, case_ids: Sequence[str], cache_p
     if total == 0:
         raise DataError(f"{dataset.root}: no foreground voxels in cases {list(case_ids)[:5]}")
     sampled = np.concatenate(samples)
-    mean = total_sum / total
-    std = math.sqrt(max(total_sq / total - mean * mean, 0.0))
-    stats = {
+    mean, std = _mean_std(total, total_sum, total_sq)
+    return _save_stats({
         "p0.5": float(np.percentile(sampled, 0.5)),
         "p99.5": float(np.percentile(sampled, 99.5)),
         "mean": mean,
         "std": std,
         "min": lo,
         "max": hi,
-        "median_spacing_mm": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
         "foreground_voxels": int(total),
         "sampled_voxels": int(sampled.size),
-        "num_cases": len(case_ids),
-        "case_ids": sorted(case_ids),
-        "key": key,
-    }
+    }, spacings, case_ids, key, cache_path)
+
+
+def _mean_std(count: int, total: float, total_sq: float) -> tuple[float, float]:
+    """Mean and (population) standard deviation from a count, a sum and a sum of squares."""
+    mean = total / count
+    return mean, math.sqrt(max(total_sq / count - mean * mean, 0.0))
+
+
+def _save_stats(stats: dict, spacings: Sequence, case_ids: Sequence[str], key: str,
+                cache_path: str | Path | None) -> dict:
+    """Add what every statistics record holds (median RAS spacing, the cases, the cache key) and cache it."""
+    stats = {**stats, "median_spacing_mm": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
+             "num_cases": len(case_ids), "case_ids": sorted(case_ids), "key": key}
     if cache_path is not None:
         write_json_atomic(cache_path, stats)
     return stats
@@ -177,22 +185,15 @@ def compute_zscore_stats(dataset: CTDataset, case_ids: Sequence[str], cache_path
         total_sq += float(np.square(values).sum())
     if total == 0:
         raise DataError(f"{dataset.root}: no voxel above {threshold} in cases {list(case_ids)[:5]}")
-    mean = total_sum / total
-    stats = {
+    mean, std = _mean_std(total, total_sum, total_sq)
+    return _save_stats({
         "mean": mean,
-        "std": math.sqrt(max(total_sq / total - mean * mean, 0.0)),
+        "std": std,
         "image_min": lo,
         "image_max": hi,
         "threshold": float(threshold),
-        "median_spacing_mm": [float(v) for v in np.median(np.asarray(spacings), axis=0)],
         "counted_voxels": int(total),
-        "num_cases": len(case_ids),
-        "case_ids": sorted(case_ids),
-        "key": key,
-    }
-    if cache_path is not None:
-        write_json_atomic(cache_path, stats)
-    return stats
+    }, spacings, case_ids, key, cache_path)
 
 
 def preprocess_spec(cfg_preprocess: dict, stats: dict | None = None) -> dict:
