@@ -142,6 +142,21 @@ def test_log_space_runs_lambda_zero_exactly_and_samples_the_rest_log_uniformly(p
     assert sum(lam < 0.03 for lam in sampled) >= 5, "log-uniform: about half the mass lies below 0.03"
 
 
+def test_a_trial_that_trained_its_whole_budget_completes_even_below_the_pruners_bar(inputs, tmp_path):
+    phantoms, data, cache_dir = inputs
+    # One report per trial, at its last step: below a perfect history, yet nothing is left to save by stopping it.
+    cfg = tiny_config(phantoms, "tune.pruner_startup_trials=1", "tune.report_every=2", "tune.trials=2")
+    study = create_tuning_study(cfg, tmp_path, trials=2)
+    study.add_trial(optuna.trial.create_trial(
+        params={"lambda_kd": 0.5}, distributions={"lambda_kd": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        value=1.0, intermediate_values={2: 1.0}, user_attrs={"lambda_kd": 0.5}))
+    summary = tune_lambda(cfg, tmp_path, data, cache_dir, None, None, log=lambda _: None)
+
+    ran = [t for t in study.get_trials() if "out_dir" in t.user_attrs]
+    assert [t.state for t in ran] == [optuna.trial.TrialState.COMPLETE]
+    assert list(ran[0].intermediate_values) == [2] and summary["trials"]["pruned"] == 0
+
+
 def test_bad_settings_and_a_changed_search_space_are_refused_by_name(phantom_dataset, tmp_path):
     cfg = tiny_config(phantom_dataset)
     for override, key in [("tune.lambda_space=linear", "tune.lambda_space"), ("tune.report_every=8", "tune.report_every"),
