@@ -104,9 +104,19 @@ def load_transforms(spec: dict, keys: Sequence[str] = ("image", "label"), crop_m
     ])
 
 
+# Spatial augmentation of training crops, as in MONAI's SwinUNETR BTCV recipe (flips and 90-degree rotations at
+# p = 0.1). CT volumes are reoriented to RAS, so anatomy has one orientation: at p = 0.5 per axis a crop is
+# mirrored left-right half the time and the left/right kidneys are told apart only by context. Measured on the
+# demo teacher (4 held-out phantoms, 1 thread each, same seed): p = 0.5 Dice 0.573 / 0.666 / 0.682 at steps
+# 200 / 400 / 600; p = 0.1 0.696 / 0.723 / 0.750; p = 0 0.717 / 0.738 / 0.737 (train loss 0.18: overfits).
+DEFAULT_FLIP_PROB = 0.1
+DEFAULT_ROTATE_PROB = 0.1
+
+
 def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequence[str] = ("image", "label"),
                            extra_keys: Sequence[str] = (), num_samples: int = 2,
-                           class_balanced: bool = True) -> Compose:
+                           class_balanced: bool = True, flip_prob: float = DEFAULT_FLIP_PROB,
+                           rotate_prob: float = DEFAULT_ROTATE_PROB) -> Compose:
     """Random ROI crops with flips and axial 90-degree rotations, identical for all keys.
 
     Args:
@@ -118,6 +128,8 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
         num_samples: crops per case (the transform returns a list of that many dicts).
         class_balanced: sample crop centres equally over classes (small organs such as the pancreas get
             seen); False samples foreground and background centres 1:1.
+        flip_prob: probability of a flip, drawn per axis.
+        rotate_prob: probability of an axial 90-degree rotation (by 90, 180 or 270 degrees).
 
     Returns:
         A Compose producing a list of ``num_samples`` dicts with tensors of spatial size ``roi_size``.
@@ -128,6 +140,12 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
     roi = [int(v) for v in roi_size]
     if len(roi) != 3 or min(roi) < 1:
         raise DataError(f"roi_size must be three positive integers, got {roi_size!r}")
+    for name, value in (("flip_prob", flip_prob), ("rotate_prob", rotate_prob)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise DataError(f"{name} must be a probability in [0, 1], got {value!r}")
+    if rotate_prob > 0 and roi[0] != roi[1]:
+        raise DataError(f"roi_size {roi}: X and Y must be equal when crops are rotated in the XY plane "
+                        f"(rotate_prob {rotate_prob}; set it to 0 for a non-square crop)")
     image_key, label_key = keys[0], keys[1]
     all_keys = keys + list(extra_keys)
     if class_balanced:
@@ -144,10 +162,10 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
     return Compose([
         SpatialPadd(keys=all_keys, spatial_size=roi),
         *sampling,
-        RandFlipd(keys=all_keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys=all_keys, prob=0.5, spatial_axis=1),
-        RandFlipd(keys=all_keys, prob=0.5, spatial_axis=2),
-        RandRotate90d(keys=all_keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
+        RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=0),
+        RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=1),
+        RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=2),
+        RandRotate90d(keys=all_keys, prob=rotate_prob, max_k=3, spatial_axes=(0, 1)),
         EnsureTyped(keys=all_keys, dtype=np.float32),
     ])
 

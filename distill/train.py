@@ -135,7 +135,7 @@ def train_student(
     Returns:
         A ``StudentResult``; its ``checkpoint`` is ``student.pt`` holding the best validation weights.
     """
-    from data.transforms import load_transforms, random_crop_transforms
+    from data.transforms import DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, load_transforms, random_crop_transforms
     from monai.transforms import Compose
     from student import build_student, check_roi, count_params, save_student
     from training.checkpoint import load_checkpoint
@@ -184,7 +184,10 @@ def train_student(
 
     extra_keys = ("teacher",) if cache is not None else ()
     random_part = random_crop_transforms(
-        roi_size, num_classes, keys=("image", "label"), extra_keys=extra_keys, num_samples=int(dcfg.get("crops_per_case", 1))
+        roi_size, num_classes, keys=("image", "label"), extra_keys=extra_keys, num_samples=int(dcfg.get("crops_per_case", 1)),
+        flip_prob=dcfg.get("flip_prob", DEFAULT_FLIP_PROB),
+        # A rotated crop with X != Y would change shape; such crops are flipped but not rotated.
+        rotate_prob=dcfg.get("rotate_prob", DEFAULT_ROTATE_PROB) if roi_size[0] == roi_size[1] else 0.0,
     )
     chain = ([AttachTeacherd(cache)] if cache is not None else []) + [random_part]
     from monai.data import Dataset

@@ -112,13 +112,46 @@ def test_extra_keys_get_exactly_the_same_crops_and_flips(loaded_case, class_bala
     k, roi = 8, (24, 24, 16)
     item = {"image": loaded_case["image"], "label": loaded_case["label"],
             "teacher": one_hot(loaded_case["label"], k)}
-    crops = random_crop_transforms(roi, k, extra_keys=("teacher",), num_samples=4, class_balanced=class_balanced)
+    crops = random_crop_transforms(roi, k, extra_keys=("teacher",), num_samples=4, class_balanced=class_balanced,
+                                   flip_prob=0.5, rotate_prob=0.5)
     for seed in range(2):
         crops.set_random_state(seed=seed)
         for sample in crops(item):
             assert sample["image"].shape == sample["label"].shape == (1, *roi)
             assert sample["teacher"].shape == (k, *roi)
             torch.testing.assert_close(torch.as_tensor(sample["teacher"]), one_hot(sample["label"], k))
+
+
+def _axis_steps(volume: torch.Tensor) -> list[float]:
+    """Sign of the step along X, Y, Z of a crop of the coordinate ramp (+1 as stored, -1 flipped)."""
+    v = torch.as_tensor(volume)[0]
+    return [float(torch.sign(v.diff(dim=axis)).mean()) for axis in range(3)]
+
+
+def test_flip_and_rotate_probabilities_are_honoured():
+    x, y, z = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), torch.arange(24.0), indexing="ij")
+    item = {"image": (10000 * x + 100 * y + z)[None], "label": (x < 20).float()[None]}
+    never = random_crop_transforms((16, 16, 8), 2, num_samples=20, class_balanced=False, flip_prob=0.0, rotate_prob=0.0)
+    always = random_crop_transforms((16, 16, 8), 2, num_samples=20, class_balanced=False, flip_prob=1.0, rotate_prob=0.0)
+    never.set_random_state(seed=0)
+    always.set_random_state(seed=0)
+    assert all(_axis_steps(s["image"]) == [1.0, 1.0, 1.0] for s in never(dict(item)))
+    assert all(_axis_steps(s["image"]) == [-1.0, -1.0, -1.0] for s in always(dict(item)))
+    # Rotated by 90 or 270 degrees, X of the crop runs along the volume's Y (steps of 100, not 10000).
+    rotated = random_crop_transforms((16, 16, 8), 2, num_samples=20, class_balanced=False, flip_prob=0.0, rotate_prob=1.0)
+    rotated.set_random_state(seed=0)
+    steps = {abs(float(torch.as_tensor(s["image"])[0].diff(dim=0)[0, 0, 0])) for s in rotated(dict(item))}
+    assert steps == {100.0, 10000.0}
+
+
+@pytest.mark.parametrize("kwargs, match", [({"flip_prob": 1.5}, "flip_prob"), ({"rotate_prob": -0.1}, "rotate_prob"),
+                                           ({"roi_size": (16, 24, 8)}, "X and Y must be equal")])
+def test_bad_augmentation_settings_are_refused(kwargs, match):
+    args = {"roi_size": (16, 16, 8), **kwargs}
+    with pytest.raises(DataError, match=match):
+        random_crop_transforms(args.pop("roi_size"), 2, **args)
+    if "roi_size" in kwargs:  # a non-square crop is fine without rotations
+        random_crop_transforms(kwargs["roi_size"], 2, rotate_prob=0.0)
 
 
 def test_class_balanced_crops_reach_every_organ(loaded_case):
