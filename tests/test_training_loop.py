@@ -128,7 +128,7 @@ def test_settings_come_from_a_config_section():
     cfg = load_config("demo")
     s = TrainSettings.from_config(cfg["teacher"], seed=cfg["run"]["seed"])
     assert (s.steps, s.lr, s.warmup_steps, s.schedule, s.grad_clip, s.amp) == (
-        cfg["teacher"]["steps"], cfg["teacher"]["lr"], cfg["teacher"]["warmup_steps"], "constant", 1.0, True)
+        cfg["teacher"]["steps"], cfg["teacher"]["lr"], cfg["teacher"]["warmup_steps"], cfg["teacher"]["schedule"], 1.0, True)
     assert TrainSettings.from_config({"steps": 5, "lr": "1e-3"}).lr == 1e-3  # PyYAML reads 1e-3 as a string
     with pytest.raises(TrainSettingsError, match="schedule"):
         TrainSettings.from_config({"steps": 5, "lr": 1e-3, "schedule": "step"})
