@@ -165,7 +165,8 @@ def train_teacher(
     from monai.data import Dataset
     from monai.losses import DiceCELoss
 
-    from data.transforms import DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, random_crop_transforms
+    from data.checks import DataError
+    from data.transforms import DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, check_augmentation, random_crop_transforms
     from evaluation.validation import as_plain_tensor, validation_dice
     from training.distributed import resolve_device
     from teacher.build import build_teacher, teacher_arch
@@ -192,11 +193,12 @@ def train_teacher(
     else:
         arch = teacher_arch(tcfg)
         roi_size, arch_params = list(arch.roi_size), arch.to_dict()
+    flip_prob = tcfg.get("flip_prob", DEFAULT_FLIP_PROB)
     rotate_prob = tcfg.get("rotate_prob", DEFAULT_ROTATE_PROB)
-    if roi_size[0] != roi_size[1] and rotate_prob > 0:
-        # Training crops are rotated by 90 degrees in the axial plane, which swaps X and Y.
-        raise TeacherTrainError(f"teacher.roi_size {roi_size}: X and Y must be equal (crops are rotated in the XY "
-                                f"plane with teacher.rotate_prob {rotate_prob}; set it to 0 for a non-square crop)")
+    try:  # before any data is loaded or the model is built
+        check_augmentation(roi_size, flip_prob, rotate_prob)
+    except DataError as exc:
+        raise TeacherTrainError(f"teacher: {exc}") from exc
     mode = tcfg.get("prompt_mode", "auto")
     device = resolve_device(str(cfg.get("run", {}).get("device", "auto")))
     seed = int(cfg.get("run", {}).get("seed", 0))
@@ -213,7 +215,7 @@ def train_teacher(
     crops = Dataset(cases, transform=random_crop_transforms(
         roi_size, num_classes, num_samples=int(tcfg.get("crops_per_case", 1)),
         class_balanced=bool(tcfg.get("class_balanced", True)),
-        flip_prob=tcfg.get("flip_prob", DEFAULT_FLIP_PROB), rotate_prob=rotate_prob))
+        flip_prob=flip_prob, rotate_prob=rotate_prob))
     batches = _crop_batches(crops, int(tcfg.get("batch_size", 2)), int(tcfg.get("num_workers", 0)))
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),

@@ -100,7 +100,7 @@ def test_point_and_both_prompt_modes_train(trained):
 def test_bad_teacher_settings_are_refused_by_name(trained):
     cfg, run_dir, data, _, _ = trained
     for key, value, match in (("prompt_mode", "clicks", "teacher.prompt_mode"), ("batch_size", 0, "teacher.batch_size"),
-                              ("roi_size", [16, 32, 16], "X and Y must be equal")):
+                              ("roi_size", [16, 32, 16], "X and Y must be equal"), ("flip_prob", 2.0, "flip_prob")):
         bad = {**cfg, "teacher": {**cfg["teacher"], key: value}}
         with pytest.raises(TeacherTrainError, match=match):
             train_teacher(bad, run_dir, data=data, progress=False, out_dir=run_dir / "bad")
