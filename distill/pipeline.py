@@ -343,6 +343,7 @@ class Pipeline:
                                       int8=bool(ecfg.get("int8", True)), max_dice_drop=float(ecfg.get("max_dice_drop", 0.01)),
                                       calibration_crops=int(ecfg.get("calibration_crops", 8)),
                                       max_restore_iterations=ecfg.get("max_restore_iterations"),
+                                      min_fp32_dice=float(ecfg.get("min_fp32_dice", 0.0)),
                                       onnxruntime_int8=bool(ecfg.get("onnxruntime_int8", True)),
                                       overlap=float(self.cfg["evaluation"].get("overlap", 0.25)),
                                       threads=int(self.cfg["run"].get("threads") or 2),

@@ -17,7 +17,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calib-dir", default=None, help="dataset folder (dataset.json) for calibration/validation crops")
     parser.add_argument("--calib-crops", type=int, default=8)
     parser.add_argument("--val-crops", type=int, default=4)
-    parser.add_argument("--max-dice-drop", type=float, default=0.01)
+    parser.add_argument("--max-dice-drop", type=float, default=0.01,
+                        help="largest tolerated drop of mean foreground Dice for an INT8 model (default 0.01)")
+    parser.add_argument("--min-fp32-dice", type=float, default=0.0,
+                        help="below this FP32 Dice on the validation crops the drop bound is reported, not enforced")
+    parser.add_argument("--max-restore-iterations", type=int, default=None,
+                        help="cap on NNCF's layer-by-layer return to float (default: until within the bound)")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -26,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bundle = build_bundle(args.student, args.out, calibration=args.calib_dir, int8=args.int8,
                               max_dice_drop=args.max_dice_drop, calibration_crops=args.calib_crops,
-                              validation_crops=args.val_crops, overlap=args.overlap, threads=args.threads)
+                              validation_crops=args.val_crops, overlap=args.overlap, threads=args.threads,
+                              min_fp32_dice=args.min_fp32_dice, max_restore_iterations=args.max_restore_iterations)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

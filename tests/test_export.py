@@ -57,6 +57,7 @@ def test_int8_accuracy_control_keeps_the_dice_drop_within_bound(phantom_dataset,
     report = meta["int8"]["openvino"]
     assert report["fp32_dice"] == pytest.approx(1.0)
     assert report["within_bound"] and report["dice_drop"] <= 0.01
+    assert report["enforced"] and report["offered"] and report["method"] == "nncf.quantize_with_accuracy_control"
     assert report["fake_quantize_ops"] > 0, "accuracy control fell back on every layer"
     assert meta["models"]["openvino"]["int8"] == "openvino/model_int8.xml"
 
@@ -70,6 +71,31 @@ def test_int8_accuracy_control_keeps_the_dice_drop_within_bound(phantom_dataset,
     assert ort["fp32_patch_s"] > 0 and ort["int8_patch_s"] > 0
     assert ort["offered"] == (ort["int8_patch_s"] < ort["fp32_patch_s"] and ort["dice_drop"] <= 0.01)
     assert (bundle / "model_int8.onnx").exists() == ort["offered"]
+
+
+def test_int8_bound_is_not_enforced_below_the_fp32_dice_floor(phantom_dataset, tmp_path):
+    from export.int8 import quantize_openvino
+    import openvino as ov
+
+    ckpt = _student(tmp_path / "student.pt", "unet_small", [32, 32, 32], phantom_dataset)
+    bundle = build_bundle(ckpt, tmp_path / "bundle", calibration=phantom_dataset, int8=False, calibration_crops=2,
+                          validation_crops=0, onnxruntime_int8=False, log=lambda *_: None)
+    model = ov.Core().read_model(str(bundle / "openvino" / "model_fp32.xml"))
+    calibration = [crop for crop, _ in dataset_crops(phantom_dataset, SPEC, [32, 32, 32], 2, seed=0)]
+    labelled = dataset_crops(phantom_dataset, SPEC, [32, 32, 32], 2, seed=1)
+    assert all(label is not None for _, label in labelled)
+    k = len(json.loads((phantom_dataset / "dataset.json").read_text())["labels"])
+
+    # An untrained student against true labels: below the floor, plain quantisation, drop reported, INT8 offered.
+    _, low = quantize_openvino(model, calibration, labelled, k, max_drop=0.0, min_fp32_dice=1.01)
+    assert low["method"] == "nncf.quantize" and not low["enforced"] and low["offered"]
+    assert "below min_fp32_dice 1.01" in low["not_enforced_because"]
+    assert low["dice_drop"] == pytest.approx(low["fp32_dice"] - low["int8_dice"]) and low["fake_quantize_ops"] > 0
+
+    # At or above the floor the bound is enforced; a floor of 0 always enforces it.
+    _, high = quantize_openvino(model, calibration, labelled, k, max_drop=1.0, min_fp32_dice=0.0)
+    assert high["method"] == "nncf.quantize_with_accuracy_control" and high["enforced"]
+    assert high["offered"] == high["within_bound"] is True
 
 
 def test_cli_exports_replaces_an_old_bundle_and_refuses_bad_requests(phantom_dataset, tmp_path, capsys):
