@@ -407,6 +407,7 @@ def run_benchmarks(
                 if scorable and key not in dice_done:
                     spec.update(dice_cases=[list(c) for c in dice_cases],
                                 pred_dir=str(tmp / "pred" / f"row{len(rows):03d}_{plan['threads']}"))
+            row_started = time.perf_counter()
             try:
                 result = run_module_in_subprocess("benchmarks.row", spec, plan["threads"])
             except MeasureError as exc:
@@ -422,13 +423,17 @@ def run_benchmarks(
             if progress:
                 r = rows[-1]
                 print(f"[bench] {r['model']} {r['runtime']} {r['precision']} t{r['threads']} {r['workload']}: "
-                      f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB")
+                      f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB "
+                      f"(row {time.perf_counter() - row_started:.1f} s{', with Dice' if result.get('pred_paths') else ''})")
         for r in rows:
             scores = dice_done.get((r["model"], r["runtime"], r["precision"]), {})
             r["dice"], r["nsd"] = scores.get("dice"), scores.get("nsd")
         _ratios(rows, {k: v for k, v in ((k, p.gflops) for k, p in peaks.items())})
 
+        check_started = time.perf_counter()
         cross_checks = _cross_check(rows, entries, notes) if cross_check else []
+        if progress and cross_checks:
+            print(f"[bench] benchmark_app cross-check: {time.perf_counter() - check_started:.1f} s")
     notes += skipped_rows(entries, bf16_native)
     notes.append(f"Benchmark wall time: {time.perf_counter() - started:.0f} s.")
     workload_text = {"patch": "one ROI patch (batch 1, random input in [0, 1]); throughput in patches/s"}

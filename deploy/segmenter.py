@@ -40,12 +40,41 @@ class Segmenter:
     def __init__(self, bundle_dir: str | Path, runtime: str = "openvino", precision: str = "fp32",
                  threads: int | None = None, overlap: float | None = None, batch_size: int | None = None,
                  resample_back: str = "logits"):
+        self.bundle_dir = Path(bundle_dir)
+        self._configure(load_bundle(bundle_dir), str(self.bundle_dir / "model.json"), overlap, resample_back)
+        static = self.bundle.get("batch", 1)
+        self.batch_size = int(batch_size or (1 if static == "dynamic" else static))
+        self.threads = threads
+        self.session = ModelSession(self.bundle, runtime, precision, threads, self.batch_size)
+
+    @classmethod
+    def with_predictor(cls, manifest: dict[str, Any], predictor, source: str = "manifest", overlap: float | None = None,
+                       batch_size: int = 1, resample_back: str = "logits") -> "Segmenter":
+        """The same steps around any window predictor, e.g. an eager PyTorch model in the benchmark.
+
+        Args:
+            manifest: the ``model.json`` fields the steps read: ``preprocess``, ``roi_size``, ``num_classes``,
+                ``labels``, ``overlap`` and optionally ``crop_foreground``.
+            predictor: maps ``B x C x roi`` float32 to ``B x K x roi`` logits.
+            source: names the manifest in error messages.
+            overlap, batch_size, resample_back: as in the constructor.
+        """
+        missing = [k for k in ("preprocess", "roi_size", "num_classes", "labels", "overlap") if k not in manifest]
+        if missing:
+            raise BundleError(f"{source}: missing {', '.join(missing)}")
+        self = cls.__new__(cls)
+        self.bundle_dir = None
+        self._configure(manifest, source, overlap, resample_back)
+        self.batch_size = int(batch_size)
+        self.threads = None
+        self.session = predictor
+        return self
+
+    def _configure(self, bundle: dict[str, Any], manifest: str, overlap: float | None, resample_back: str) -> None:
         if resample_back not in ("logits", "labels"):
             raise DeployError(f"resample_back must be 'logits' or 'labels', got {resample_back!r}")
         self.resample_back = resample_back
-        self.bundle = load_bundle(bundle_dir)
-        self.bundle_dir = Path(bundle_dir)
-        manifest = self.bundle_dir / "model.json"
+        self.bundle = bundle
         spec = self.bundle["preprocess"]
         try:
             self.spacing_mm = [float(s) for s in spec["spacing_mm"]]
@@ -66,10 +95,6 @@ class Segmenter:
             self.crop = None if crop is None else (float(crop["threshold_hu"]), int(crop["margin"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest}: crop_foreground must hold threshold_hu and margin, got {crop!r}") from exc
-        static = self.bundle.get("batch", 1)
-        self.batch_size = int(batch_size or (1 if static == "dynamic" else static))
-        self.threads = threads
-        self.session = ModelSession(self.bundle, runtime, precision, threads, self.batch_size)
 
     def predict_logits(self, image: np.ndarray, affine: np.ndarray, source: str = "input") -> tuple[np.ndarray, Any]:
         """Model-grid logits of a volume.

@@ -71,6 +71,23 @@ def test_run_dir_rows_are_each_measured_once_and_scored_on_the_validation_split(
     assert "held-out case" in md and "unet_small" in md
 
 
+def test_eager_rows_segment_a_volume_as_the_deployed_bundle_does(run_dir, tmp_path):
+    """PyTorch rows go through deploy's steps (body crop included): the same mask as ONNX Runtime's."""
+    import nibabel as nib
+
+    from benchmarks.volume import volume_segmenter
+
+    run, bundle, data = run_dir
+    entry = entries_from_run_dir(run)[0][0].as_dict()
+    image = data.val[0]["image"]
+    masks = {}
+    for runtime in ("pytorch", "onnxruntime"):
+        volume_segmenter(entry, runtime, "fp32", 2, entry["bundle"])(image, tmp_path / f"{runtime}.nii.gz")
+        masks[runtime] = np.asarray(nib.load(str(tmp_path / f"{runtime}.nii.gz")).dataobj)
+    assert masks["pytorch"].shape == nib.load(image).shape[:3]
+    assert (masks["pytorch"] == masks["onnxruntime"]).mean() > 0.999
+
+
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     ballast = np.ones(400 * 1024 * 1024 // 8)  # 400 MB resident in this (parent) process
     code = "from benchmarks.measure import peak_rss_mb; print(peak_rss_mb())"
