@@ -128,7 +128,7 @@ def test_settings_come_from_a_config_section():
     cfg = load_config("demo")
     s = TrainSettings.from_config(cfg["teacher"], seed=cfg["run"]["seed"])
     assert (s.steps, s.lr, s.warmup_steps, s.schedule, s.grad_clip, s.amp) == (
-        cfg["teacher"]["steps"], cfg["teacher"]["lr"], cfg["teacher"]["warmup_steps"], cfg["teacher"]["schedule"], 1.0, True)
+        cfg["teacher"]["steps"], cfg["teacher"]["lr"], cfg["teacher"]["warmup_steps"], cfg["teacher"]["schedule"], 1.0, cfg["teacher"]["amp"])
     assert TrainSettings.from_config({"steps": 5, "lr": "1e-3"}).lr == 1e-3  # PyYAML reads 1e-3 as a string
     with pytest.raises(TrainSettingsError, match="schedule"):
         TrainSettings.from_config({"steps": 5, "lr": 1e-3, "schedule": "step"})
@@ -136,6 +136,24 @@ def test_settings_come_from_a_config_section():
         TrainSettings.from_config({"steps": 5})
     with pytest.raises(TrainSettingsError, match="steps"):
         TrainSettings(steps=0, lr=1e-3)
+
+
+def test_bf16_on_cpu_is_opt_in_and_only_where_the_cpu_has_it(tmp_path):
+    from training.loop import cpu_has_native_bf16
+
+    def recording(dtypes):
+        def fn(model, batch):
+            dtypes.add(model(batch["image"]).dtype)
+            return loss_fn(model, batch)
+        return fn
+
+    default, opted = set(), set()
+    fit(new_model(), recording(default), random_batches(), settings(steps=4, amp=True), tmp_path / "default")
+    assert default == {torch.float32}  # amp: true means CUDA AMP; a CPU run stays float32
+    result = fit(new_model(), recording(opted), random_batches(), settings(steps=80, val_every=20, amp="bf16"),
+                 tmp_path / "bf16", val_fn=make_val_fn())
+    assert opted == ({torch.bfloat16} if cpu_has_native_bf16() else {torch.float32})
+    assert result.best_metric > 0.9  # learns under bf16 autocast as in float32
 
 
 @pytest.mark.gpu

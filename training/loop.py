@@ -65,8 +65,8 @@ class TrainSettings:
         poly_power: exponent of the poly decay.
         grad_clip: max global gradient norm; 0 or None disables clipping.
         val_every: validate (and checkpoint) every this many steps; 0 = only at the end.
-        amp: mixed precision on CUDA: True (bf16 where supported, else fp16), ``"bf16"``, ``"fp16"``, False.
-            Ignored on CPU.
+        amp: mixed precision: True (CUDA only: bf16 where supported, else fp16), ``"bf16"`` (CUDA, and CPU
+            too: worth it only where the CPU has native bf16, e.g. AVX512-BF16/AMX), ``"fp16"`` (CUDA), False.
         log_every: steps between training-metric records in the tracker.
         seed: base seed; rank ``r`` seeds its data with ``seed + r``.
         progress: show a tqdm bar on rank 0.
@@ -455,9 +455,33 @@ def _unpack_loss(out: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]
     raise TypeError(f"loss_fn must return a scalar tensor or (loss, logs dict); got {type(out).__name__} at step {step}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it; CPU flags as fallback."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or the private check gone
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
-    # bf16 autocast buys nothing on a CPU (measured, DESIGN.md), so AMP is a CUDA-only feature.
-    if device.type != "cuda" or amp is False:
+    # On a CPU autocast is opt-in ("bf16"): it buys nothing for the SwinUNETR students (DESIGN.md) but made a
+    # demo-teacher training step 1.44x faster on an AVX512-BF16 CPU (0.53 vs 0.37 s, 2 threads).
+    if amp is False:
+        return None
+    if device.type == "cpu":
+        if amp != "bf16":
+            return None
+        if not cpu_has_native_bf16():
+            print("warning: amp 'bf16' ignored on this CPU: it has no native bf16 (AVX512-BF16/AMX), and emulated "
+                  "bf16 is slower than float32; training in float32", file=sys.stderr)
+            return None
+        return torch.bfloat16
+    if device.type != "cuda":
         return None
     if amp == "fp16":
         return torch.float16
