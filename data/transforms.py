@@ -27,10 +27,13 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandAffined,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -110,13 +113,25 @@ def load_transforms(spec: dict, keys: Sequence[str] = ("image", "label"), crop_m
 # demo teacher: README, "Augmentation").
 DEFAULT_FLIP_PROB = 0.1
 DEFAULT_ROTATE_PROB = 0.1
+# Optional augmentation keys of a teacher:/distill: config section, passed on to random_crop_transforms.
+AUGMENT_KEYS = ("affine_prob", "affine_rotate_deg", "affine_scale", "intensity_prob", "intensity_shift", "intensity_scale")
 
 
-def check_augmentation(roi_size: Sequence[int], flip_prob: float, rotate_prob: float) -> None:
-    """Refuse probabilities outside [0, 1] and a rotated crop whose X and Y differ (rotation would swap them)."""
-    for name, value in (("flip_prob", flip_prob), ("rotate_prob", rotate_prob)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+def check_augmentation(roi_size: Sequence[int], flip_prob: float, rotate_prob: float, affine_prob: float = 0.0,
+                       affine_rotate_deg: float = 0.0, affine_scale: float = 0.0, intensity_prob: float = 0.0,
+                       intensity_shift: float = 0.0, intensity_scale: float = 0.0) -> None:
+    """Refuse probabilities outside [0, 1], negative ranges, and a rotated crop whose X and Y differ."""
+    def number(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float))
+
+    for name, value in (("flip_prob", flip_prob), ("rotate_prob", rotate_prob), ("affine_prob", affine_prob),
+                        ("intensity_prob", intensity_prob)):
+        if not number(value) or not 0.0 <= value <= 1.0:
             raise DataError(f"{name} must be a probability in [0, 1], got {value!r}")
+    for name, value, top in (("affine_rotate_deg", affine_rotate_deg, 180.0), ("affine_scale", affine_scale, 0.9),
+                             ("intensity_shift", intensity_shift, 10.0), ("intensity_scale", intensity_scale, 0.9)):
+        if not number(value) or not 0.0 <= value <= top:
+            raise DataError(f"{name} must be a number in [0, {top}], got {value!r}")
     if rotate_prob > 0 and roi_size[0] != roi_size[1]:
         raise DataError(f"roi_size {list(roi_size)}: X and Y must be equal when crops are rotated in the XY plane "
                         f"(rotate_prob {rotate_prob}; set it to 0 for a non-square crop)")
@@ -125,8 +140,12 @@ def check_augmentation(roi_size: Sequence[int], flip_prob: float, rotate_prob: f
 def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequence[str] = ("image", "label"),
                            extra_keys: Sequence[str] = (), num_samples: int = 2,
                            class_balanced: bool = True, flip_prob: float = DEFAULT_FLIP_PROB,
-                           rotate_prob: float = DEFAULT_ROTATE_PROB) -> Compose:
-    """Random ROI crops with flips and axial 90-degree rotations, identical for all keys.
+                           rotate_prob: float = DEFAULT_ROTATE_PROB, affine_prob: float = 0.0,
+                           affine_rotate_deg: float = 15.0, affine_scale: float = 0.1, intensity_prob: float = 0.0,
+                           intensity_shift: float = 0.1, intensity_scale: float = 0.1) -> Compose:
+    """Random ROI crops with flips, axial rotations and optional affine and intensity jitter.
+
+    Geometric transforms are identical for all keys; intensity jitter touches the image only.
 
     Args:
         roi_size: crop size [X, Y, Z].
@@ -139,6 +158,11 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
             seen); False samples foreground and background centres 1:1.
         flip_prob: probability of a flip, drawn per axis.
         rotate_prob: probability of an axial 90-degree rotation (by 90, 180 or 270 degrees).
+        affine_prob: probability of a small affine of the crop (nnU-Net style): an axial rotation uniform in
+            ``±affine_rotate_deg`` degrees and a per-axis scale in ``1 ± affine_scale``; image and extra keys
+            bilinear, label nearest, edges replicated (``border``) so no artificial air enters the crop.
+        intensity_prob: probability of each of an intensity shift (``± intensity_shift``, in units of the
+            preprocessed image: 0.1 is 42 HU under the demo window) and scale (``1 ± intensity_scale``).
 
     Returns:
         A Compose producing a list of ``num_samples`` dicts with tensors of spatial size ``roi_size``.
@@ -149,7 +173,8 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
     roi = [int(v) for v in roi_size]
     if len(roi) != 3 or min(roi) < 1:
         raise DataError(f"roi_size must be three positive integers, got {roi_size!r}")
-    check_augmentation(roi, flip_prob, rotate_prob)
+    check_augmentation(roi, flip_prob, rotate_prob, affine_prob, affine_rotate_deg, affine_scale, intensity_prob,
+                       intensity_shift, intensity_scale)
     image_key, label_key = keys[0], keys[1]
     all_keys = keys + list(extra_keys)
     if class_balanced:
@@ -170,6 +195,14 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
         RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=1),
         RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=2),
         RandRotate90d(keys=all_keys, prob=rotate_prob, max_k=3, spatial_axes=(0, 1)),
+        *([RandAffined(keys=all_keys, prob=affine_prob, spatial_size=roi,
+                       rotate_range=(0.0, 0.0, float(np.deg2rad(affine_rotate_deg))),
+                       scale_range=(affine_scale,) * 3,
+                       mode=["bilinear" if k != label_key else "nearest" for k in all_keys], padding_mode="border")]
+          if affine_prob > 0 else []),
+        *([RandShiftIntensityd(keys=image_key, offsets=intensity_shift, prob=intensity_prob),
+           RandScaleIntensityd(keys=image_key, factors=intensity_scale, prob=intensity_prob)]
+          if intensity_prob > 0 else []),
         EnsureTyped(keys=all_keys, dtype=np.float32),
     ])
 

@@ -166,7 +166,8 @@ def train_teacher(
     from monai.losses import DiceCELoss
 
     from data.checks import DataError
-    from data.transforms import DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, check_augmentation, random_crop_transforms
+    from data.transforms import (AUGMENT_KEYS, DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, check_augmentation,
+                                 random_crop_transforms)
     from evaluation.validation import as_plain_tensor, validation_dice
     from training.distributed import resolve_device
     from teacher.build import build_teacher, teacher_arch
@@ -195,8 +196,9 @@ def train_teacher(
         roi_size, arch_params = list(arch.roi_size), arch.to_dict()
     flip_prob = tcfg.get("flip_prob", DEFAULT_FLIP_PROB)
     rotate_prob = tcfg.get("rotate_prob", DEFAULT_ROTATE_PROB)
+    augment = {k: tcfg[k] for k in AUGMENT_KEYS if k in tcfg}
     try:  # before any data is loaded or the model is built
-        check_augmentation(roi_size, flip_prob, rotate_prob)
+        check_augmentation(roi_size, flip_prob, rotate_prob, **augment)
     except DataError as exc:
         raise TeacherTrainError(f"teacher: {exc}") from exc
     mode = tcfg.get("prompt_mode", "auto")
@@ -215,7 +217,7 @@ def train_teacher(
     crops = Dataset(cases, transform=random_crop_transforms(
         roi_size, num_classes, num_samples=int(tcfg.get("crops_per_case", 1)),
         class_balanced=bool(tcfg.get("class_balanced", True)),
-        flip_prob=flip_prob, rotate_prob=rotate_prob))
+        flip_prob=flip_prob, rotate_prob=rotate_prob, **augment))
     batches = _crop_batches(crops, int(tcfg.get("batch_size", 2)), int(tcfg.get("num_workers", 0)))
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),

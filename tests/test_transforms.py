@@ -144,7 +144,38 @@ def test_flip_and_rotate_probabilities_are_honoured():
     assert steps == {100.0, 10000.0}
 
 
+def test_affine_moves_every_key_alike_and_intensity_jitter_touches_the_image_only(loaded_case):
+    k, roi = 8, (24, 24, 16)
+    item = {"image": loaded_case["image"], "label": loaded_case["label"], "teacher": loaded_case["image"].clone()}
+    plain = random_crop_transforms(roi, k, extra_keys=("teacher",), num_samples=6, flip_prob=0.0, rotate_prob=0.0)
+    warped = random_crop_transforms(roi, k, extra_keys=("teacher",), num_samples=6, flip_prob=0.0, rotate_prob=0.0,
+                                    affine_prob=1.0, affine_rotate_deg=30.0, affine_scale=0.2)
+    plain.set_random_state(seed=0)
+    warped.set_random_state(seed=0)
+    moved = 0
+    for before, after in zip(plain(dict(item)), warped(dict(item))):
+        assert after["image"].shape == after["label"].shape == (1, *roi)
+        torch.testing.assert_close(torch.as_tensor(after["teacher"]), torch.as_tensor(after["image"]))  # same warp
+        assert set(torch.unique(torch.as_tensor(after["label"])).tolist()) <= set(range(k))  # nearest: no blends
+        moved += not torch.equal(torch.as_tensor(before["image"]), torch.as_tensor(after["image"]))
+    assert moved == 6
+
+    jitter = random_crop_transforms(roi, k, extra_keys=("teacher",), num_samples=6, flip_prob=0.0, rotate_prob=0.0,
+                                    intensity_prob=1.0, intensity_shift=0.1, intensity_scale=0.1)
+    jitter.set_random_state(seed=0)
+    for sample in jitter(dict(item)):
+        image, teacher = torch.as_tensor(sample["image"]), torch.as_tensor(sample["teacher"])
+        assert not torch.allclose(image, teacher)
+        # image = (teacher + shift) * factor, shift in ±0.1 and factor in 1 ± 0.1: an exact affine map of the teacher
+        fit = torch.linalg.lstsq(torch.stack([teacher.flatten(), torch.ones(teacher.numel())], 1), image.flatten()[:, None])
+        slope, offset = fit.solution.flatten().tolist()
+        assert 0.9 - 1e-4 <= slope <= 1.1 + 1e-4 and abs(offset / slope) <= 0.1 + 1e-4
+
+
 @pytest.mark.parametrize("kwargs, match", [({"flip_prob": 1.5}, "flip_prob"), ({"rotate_prob": -0.1}, "rotate_prob"),
+                                           ({"affine_prob": 2}, "affine_prob"), ({"affine_scale": -0.1}, "affine_scale"),
+                                           ({"intensity_prob": True}, "intensity_prob"),
+                                           ({"intensity_shift": "0.1"}, "intensity_shift"),
                                            ({"roi_size": (16, 24, 8)}, "X and Y must be equal")])
 def test_bad_augmentation_settings_are_refused(kwargs, match):
     args = {"roi_size": (16, 16, 8), **kwargs}
