@@ -52,6 +52,8 @@ class ModelEntry:
         openvino: ``{"fp32": xml, "int8": xml}``.
         bundle: deploy bundle folder (the volume workload on onnxruntime/openvino needs it).
         preprocess: preprocessing spec; labels: ``{id: name}``; overlap: sliding-window overlap.
+        crop_foreground: the body crop the volume workload applies (``model.json``'s, or the training
+            preprocessing's for the teacher); None: none.
         gflops: forward GFLOPs of one patch (counted when None and a torch source exists).
         param_mb: parameter bytes of the eager model in MB (its size column).
     """
@@ -67,6 +69,7 @@ class ModelEntry:
     preprocess: dict | None = None
     labels: dict | None = None
     overlap: float = 0.25
+    crop_foreground: dict | None = None
     gflops: float | None = None
     param_mb: float | None = None
 
@@ -120,6 +123,7 @@ def entry_from_bundle(bundle_dir: str | Path, name: str | None = None, torch_sou
         preprocess=meta.get("preprocess"),
         labels={int(k): v for k, v in (meta.get("labels") or {}).items()},
         overlap=float(meta.get("overlap", 0.25)),
+        crop_foreground=meta.get("crop_foreground"),
     )
 
 
@@ -174,6 +178,8 @@ def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tu
 def _teacher_entry(path: Path) -> ModelEntry:
     import torch
 
+    from export.bundle import body_crop_spec
+
     meta = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("roi_size", "num_classes"):
         if key not in meta:
@@ -185,6 +191,7 @@ def _teacher_entry(path: Path) -> ModelEntry:
         torch={"kind": "teacher", "path": str(path)},
         preprocess=meta.get("preprocess"),
         labels={int(k): v for k, v in (meta.get("labels") or {}).items()},
+        crop_foreground=body_crop_spec(),  # what the teacher's training preprocessing did
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -47,7 +46,8 @@ def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX).
 
     OpenVINO's ``OPTIMIZATION_CAPABILITIES`` is the authority (it is what decides whether its bf16
-    inference is real); ``/proc/cpuinfo`` flags are the fallback when OpenVINO is absent.
+    inference is real); the check training uses (oneDNN, then ``/proc/cpuinfo`` flags) is the fallback
+    when OpenVINO is absent.
     """
     try:
         import openvino as ov
@@ -55,11 +55,9 @@ def cpu_supports_bf16() -> bool:
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # noqa: BLE001 - no OpenVINO or no CPU plugin: fall back to the CPU flags
         pass
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    flags = cpuinfo.read_text(errors="replace")
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from training.loop import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def measure_gemm_peak(

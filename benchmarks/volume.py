@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-
 SegmentFile = Callable[[str | Path, str | Path], None]
 
 
@@ -70,8 +69,6 @@ def sliding_window_count(shape: Sequence[int], roi_size: Sequence[int], overlap:
 
 
 def _torch_segmenter(entry: dict, precision: str, threads: int) -> SegmentFile:
-    import json
-
     from benchmarks.runtimes import load_predictor, load_torch_model
     from deploy import Segmenter
 
@@ -79,19 +76,8 @@ def _torch_segmenter(entry: dict, precision: str, threads: int) -> SegmentFile:
     spec = entry.get("preprocess") or meta.get("preprocess")
     if not spec:
         raise VolumeWorkloadError(f"{entry.get('name')}: no preprocessing spec for the volume workload")
-    if entry.get("bundle"):  # the body crop the exported model is deployed with
-        crop = json.loads((Path(entry["bundle"]) / "model.json").read_text()).get("crop_foreground")
-    else:  # the teacher: the body crop of the training preprocessing
-        from export.bundle import body_crop_spec
-
-        crop = body_crop_spec()
     manifest = {"preprocess": spec, "roi_size": [int(s) for s in entry["roi_size"]],
                 "num_classes": int(entry["num_classes"]), "labels": entry.get("labels") or meta.get("labels") or {},
-                "overlap": float(entry.get("overlap", 0.25)), "crop_foreground": crop}
+                "overlap": float(entry.get("overlap", 0.25)), "crop_foreground": entry.get("crop_foreground")}
     predictor = load_predictor(entry, "pytorch", precision, threads, [1, 1, *manifest["roi_size"]])
-    segmenter = Segmenter.with_predictor(manifest, predictor, source=str(entry.get("name")))
-
-    def segment(in_path: str | Path, out_path: str | Path) -> None:
-        segmenter.segment_file(in_path, out_path)
-
-    return segment
+    return Segmenter.with_predictor(manifest, predictor, source=str(entry.get("name"))).segment_file

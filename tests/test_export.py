@@ -97,6 +97,16 @@ def test_int8_bound_is_not_enforced_below_the_fp32_dice_floor(phantom_dataset, t
     assert high["method"] == "nncf.quantize_with_accuracy_control" and high["enforced"]
     assert high["offered"] == high["within_bound"] is True
 
+    # ONNX Runtime INT8 reads the same floor; without labels (the FP32 argmax is the reference) it always enforces.
+    from export.int8 import quantize_onnxruntime
+
+    ort_args = (bundle / "model.onnx", tmp_path / "int8.onnx", calibration)
+    ort_low = quantize_onnxruntime(*ort_args, labelled, k, "image", repeats=1, min_fp32_dice=1.01)
+    assert not ort_low["enforced"] and "below min_fp32_dice 1.01" in ort_low["not_enforced_because"]
+    assert quantize_onnxruntime(*ort_args, labelled, k, "image", repeats=1, min_fp32_dice=0.0)["enforced"]
+    unlabelled = [(crop, None) for crop, _ in labelled]
+    assert quantize_onnxruntime(*ort_args, unlabelled, k, "image", repeats=1, min_fp32_dice=1.01)["enforced"]
+
 
 def test_cli_exports_replaces_an_old_bundle_and_refuses_bad_requests(phantom_dataset, tmp_path, capsys):
     from export.__main__ import main

@@ -462,7 +462,7 @@ def cpu_has_native_bf16() -> bool:
     except (AttributeError, RuntimeError):  # a build without oneDNN, or the private check gone
         pass
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
