@@ -177,3 +177,31 @@ def test_click_segmenter_answers_inside_a_crop_fixed_at_the_first_click(trained)
     # A later click outside the crop is ignored, and the crop does not move.
     segment(image, np.array([[38, 2, 6], [1, 28, 6]]), np.array([1, 0]))
     assert list(segment.start) == [24, 0, 0]
+
+
+def test_fresh_phantom_check_scores_new_phantoms_and_refuses_the_training_seed(trained, tmp_path):
+    from data.phantom import write_dataset
+    from evaluation.validation import validation_dice
+    from teacher.generalization import GeneralizationError, fresh_phantom_dice, main as generalization_main
+    from teacher.train import _preload
+
+    cfg, run_dir, data, tracker, result = trained
+    model, meta = load_teacher(result.checkpoint)
+    with pytest.raises(SystemExit, match="not on phantoms"):  # this run read a dataset folder
+        generalization_main(["--teacher", result.checkpoint, "--cases", "1"])
+    meta["config"]["data"].update(source="phantoms", phantom_size=[64, 64, 32])
+    with pytest.raises(GeneralizationError, match="seed 0 is the run's own data seed"):
+        fresh_phantom_dice(model, meta, 2, seed=0, phantom_dir=tmp_path / "p", progress=False)
+
+    out = fresh_phantom_dice(model, meta, 2, seed=5, phantom_dir=tmp_path / "p", progress=False)
+    assert out["cases"] == 2 and len(out["per_case"]) == 2 and set(out["per_class"]) == {n for c, n in data.labels.items() if c}
+    # the same score as validation on those two phantoms, generated independently
+    write_dataset(tmp_path / "q", cases=2, seed=5, size=(64, 64, 32))
+    items = [{"image": str(p), "label": str(tmp_path / "q" / "labelsTr" / p.name)}
+             for p in sorted((tmp_path / "q" / "imagesTr").glob("*.nii.gz"))]
+    expected = validation_dice(model, _preload(items, meta["preprocess"]), meta["roi_size"], meta["num_classes"], 0.25,
+                               torch.device("cpu"))
+    assert out["dice"] == pytest.approx(expected["dice"], abs=1e-6)
+    stamp = (tmp_path / "p" / "generalization.json").stat().st_mtime_ns
+    again = fresh_phantom_dice(model, meta, 2, seed=5, phantom_dir=tmp_path / "p", progress=False)
+    assert again["dice"] == out["dice"] and (tmp_path / "p" / "generalization.json").stat().st_mtime_ns == stamp

@@ -6,7 +6,7 @@ Layout::
     {"model": state_dict of the unwrapped model, "optimizer", "scheduler", "scaler" (or None),
      "step": optimizer steps taken, "best_dice": best validation Dice so far (-inf before any),
      "rng": [per-rank random state], "train_state": {"best_step", "history", "wall_s", "train_s",
-     "settings"}, **extra}
+     "settings"}, "ema": {"decay", "updates", "shadow"} (last.pt of a run with ema_decay > 0), **extra}
 
 ``extra`` is the stage's metadata (``config``, ``labels``, ``preprocess``, ``arch`` ...), stored at the top
 level so a loader reads ``ckpt["labels"]`` directly. Everything is plain data or tensors, so
@@ -27,7 +27,7 @@ from data.atomic import save_torch_atomic
 from training.distributed import unwrap_model
 from training.rng import capture_rng_state
 
-RESERVED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "best_dice", "rng", "train_state")
+RESERVED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "best_dice", "rng", "train_state", "ema")
 
 
 class CheckpointError(ValueError):
@@ -65,6 +65,7 @@ def save_checkpoint(
     scaler: Any | None = None,
     rng_states: list[dict] | None = None,
     train_state: Mapping[str, Any] | None = None,
+    ema: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, then rename).
 
@@ -79,6 +80,7 @@ def save_checkpoint(
         scaler: AMP ``GradScaler`` (fp16 only).
         rng_states: per-rank random states; default: this process's only.
         train_state: loop bookkeeping (history, best step, timing, settings).
+        ema: the weight average's state (training/ema.py) in ``last.pt`` of a run that keeps one.
     """
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(RESERVED_KEYS))
@@ -94,6 +96,8 @@ def save_checkpoint(
         "rng": rng_states if rng_states is not None else [capture_rng_state()],
         "train_state": _plain(dict(train_state or {})),
     }
+    if ema is not None:
+        ckpt["ema"] = dict(ema)
     ckpt.update(_plain(extra))
     return save_torch_atomic(ckpt, path)
 

@@ -13,6 +13,7 @@ and writes on rank 0 only, and shares rank 0's metrics with every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -37,6 +38,7 @@ from training.distributed import (
     unwrap_model,
     wrap_model,
 )
+from training.ema import WeightAverage
 from training.rng import capture_rng_state, restore_rng_state, seed_everything
 from training.schedule import SCHEDULES, build_optimizer, build_scheduler, trainable_parameters
 
@@ -70,6 +72,9 @@ class TrainSettings:
         log_every: steps between training-metric records in the tracker.
         seed: base seed; rank ``r`` seeds its data with ``seed + r``.
         progress: show a tqdm bar on rank 0.
+        ema_decay: 0 = off; else validation, ``best.pt`` (hence ``teacher.pt`` / ``student.pt``) use an
+            exponential moving average of the trainable weights with this decay (training/ema.py);
+            ``last.pt`` keeps the raw weights and the average, for resuming.
     """
 
     steps: int
@@ -84,6 +89,7 @@ class TrainSettings:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         self.steps = _as_int("steps", self.steps, minimum=1)
@@ -107,6 +113,9 @@ class TrainSettings:
         self.log_every = _as_int("log_every", self.log_every, minimum=1)
         self.seed = _as_int("seed", self.seed, minimum=0)
         self.progress = bool(self.progress)
+        self.ema_decay = _as_float("ema_decay", self.ema_decay)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise TrainSettingsError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
@@ -232,6 +241,7 @@ def fit(
     amp_dtype = _amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     extra_meta = dict(extra_meta or {})
+    ema = WeightAverage(plain, cfg.ema_decay) if cfg.ema_decay else None
 
     step, best, best_step = 0, -math.inf, None
     history: list[dict[str, float]] = []
@@ -241,6 +251,11 @@ def fit(
         ckpt = load_checkpoint(last_path)
         check_compatible(ckpt, extra_meta, cfg.to_dict(), source=last_path)
         restore_training_state(ckpt, net, optimizer, scheduler, scaler, source=last_path)
+        if ema is not None:
+            if ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"], source=str(last_path))
+            else:  # a run started without the average: it starts from the weights trained so far
+                ema = WeightAverage(plain, cfg.ema_decay)
         state = ckpt.get("train_state") or {}
         step, best = int(ckpt["step"]), float(ckpt["best_dice"])
         best_step, history = state.get("best_step"), list(state.get("history", []))
@@ -313,6 +328,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
+            if ema is not None:
+                ema.update(plain)
             step += 1
 
             window.add(loss, grad_norm, lr, logs)
@@ -327,7 +344,8 @@ def fit(
             if step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0):
                 train_loss = since_val.flush(step, out_dir)["loss"]  # waits for the device: time is honest
                 train_s += time.perf_counter() - segment_start
-                metrics = _validate_on_main(plain, val_fn, step, main)
+                with ema.applied(plain) if ema is not None else contextlib.nullcontext():
+                    metrics = _validate_on_main(plain, val_fn, step, main)
                 entry = {"step": step, "train_loss": train_loss, **metrics}
                 history.append(entry)
                 improved = "dice" in metrics and metrics["dice"] > best
@@ -344,11 +362,13 @@ def fit(
                         "train_s": train_s,
                         "settings": cfg.to_dict(),
                     }
-                    for path in ([best_path] if improved else []) + [last_path]:
-                        save_checkpoint(
-                            path, plain, optimizer, scheduler, step, best, extra_meta,
-                            scaler=scaler, rng_states=rng_states, train_state=train_state,
-                        )
+                    if improved:  # the weights just validated: the average when there is one
+                        with ema.applied(plain) if ema is not None else contextlib.nullcontext():
+                            save_checkpoint(best_path, plain, optimizer, scheduler, step, best, extra_meta,
+                                            scaler=scaler, rng_states=rng_states, train_state=train_state)
+                    save_checkpoint(last_path, plain, optimizer, scheduler, step, best, extra_meta,
+                                    scaler=scaler, rng_states=rng_states, train_state=train_state,
+                                    ema=ema.state_dict() if ema is not None else None)
                     if tracker is not None:
                         tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
                     progress.write(
