@@ -22,3 +22,14 @@ def phantom_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     write_dataset(root, cases=4, test_cases=1, seed=0, size=(64, 64, 32))
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: tiny convolutions run faster so than on two contended ones (2-core CI)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,12 +8,7 @@ from training.ema import WeightAverage, WeightAverageError
 from training_toy import TinySegNet, loss_fn, make_val_fn, random_batches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(**kw):

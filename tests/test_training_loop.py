@@ -7,13 +7,7 @@ from training import IncompatibleCheckpointError, TrainSettings, TrainSettingsEr
 from training_toy import TinySegNet, loss_fn, make_val_fn, random_batches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions run faster on one thread than on two contended ones (2-core CI, shared).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(**kw):

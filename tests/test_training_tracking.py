@@ -8,12 +8,7 @@ from training.tracking import MAX_PARAM_VALUE, TrackingError
 from training_toy import TinySegNet, fresh_mlflow_store, loss_fn, make_val_fn, random_batches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_training_run_records_config_params_metrics_and_artifacts(tmp_path):
