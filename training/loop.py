@@ -344,7 +344,7 @@ def fit(
             if step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0):
                 train_loss = since_val.flush(step, out_dir)["loss"]  # waits for the device: time is honest
                 train_s += time.perf_counter() - segment_start
-                with ema.applied(plain) if ema is not None else contextlib.nullcontext():
+                with _validated_weights(ema, plain):
                     metrics = _validate_on_main(plain, val_fn, step, main)
                 entry = {"step": step, "train_loss": train_loss, **metrics}
                 history.append(entry)
@@ -362,8 +362,8 @@ def fit(
                         "train_s": train_s,
                         "settings": cfg.to_dict(),
                     }
-                    if improved:  # the weights just validated: the average when there is one
-                        with ema.applied(plain) if ema is not None else contextlib.nullcontext():
+                    if improved:
+                        with _validated_weights(ema, plain):
                             save_checkpoint(best_path, plain, optimizer, scheduler, step, best, extra_meta,
                                             scaler=scaler, rng_states=rng_states, train_state=train_state)
                     save_checkpoint(last_path, plain, optimizer, scheduler, step, best, extra_meta,
@@ -431,6 +431,11 @@ class _Window:
             means["grad_norm"] = float(self.grad_norm) / n
         self._reset()
         return means
+
+
+def _validated_weights(ema: WeightAverage | None, model: nn.Module) -> contextlib.AbstractContextManager:
+    """The weights validation scores and ``best.pt`` keeps: the average while inside, when there is one."""
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
 
 
 def _validate_on_main(model: nn.Module, val_fn: ValFn | None, step: int, main: bool) -> dict[str, float]:
