@@ -132,7 +132,8 @@ def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tu
 
     The pipeline's layout (distill/pipeline.py): ``teacher/teacher.pt`` (teacher, eager rows),
     ``bundle/<student>/bundle/model.json`` (deploy bundles; their eager rows use the ``student.pt`` the
-    bundle records) and ``data/data.json`` (the validation split every row is scored on). Other layouts are
+    bundle records) and ``data/data.json`` (the test split every row is scored on; the validation split
+    of a run without one, which the report's notes then call optimistic). Other layouts are
     searched (``**/teacher.pt``, ``**/model.json``); folders whose name starts with a dot (a bundle still
     being written, a replaced one) are skipped.
 
@@ -163,16 +164,24 @@ def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tu
         entries.append(entry)
     if not entries:
         raise BenchmarkConfigError(f"{run_dir}: no teacher.pt and no deploy bundle (model.json) found")
-    cases: list[tuple[str, str]] = []
-    data_json = run_dir / "data" / "data.json"
-    if data_json.is_file():
-        try:
-            payload = json.loads(data_json.read_text())
-            cases = [(c["image"], c["label"]) for c in payload.get("val", []) if c.get("label")]
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
-            raise BenchmarkConfigError(f"{data_json}: not a data stage artifact with a 'val' list of "
-                                       f"{{image, label}} cases ({exc})") from exc
-    return entries, cases
+    return entries, run_dir_cases(run_dir)[1]
+
+
+def run_dir_cases(run_dir: str | Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """``(split, [(image, label)])``: the run's test cases, else its validation cases, else ``(None, [])``."""
+    data_json = Path(run_dir) / "data" / "data.json"
+    if not data_json.is_file():
+        return None, []
+    try:
+        payload = json.loads(data_json.read_text())
+        for split in ("test", "val"):
+            cases = [(c["image"], c["label"]) for c in payload.get(split, []) if c.get("label")]
+            if cases:
+                return split, cases
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+        raise BenchmarkConfigError(f"{data_json}: not a data stage artifact with 'test'/'val' lists of "
+                                   f"{{image, label}} cases ({exc})") from exc
+    return None, []
 
 
 def _teacher_entry(path: Path) -> ModelEntry:
@@ -312,7 +321,7 @@ def run_benchmarks(
     Args:
         entries: models to benchmark; else taken from ``run_dir`` and ``bundles``; with none of the three,
             an untrained SwinUNETR-tiny is exported to a temporary bundle (Dice then empty).
-        run_dir: pipeline run folder (teacher, bundles, validation split).
+        run_dir: pipeline run folder (teacher, bundles, test split).
         bundles: deploy bundle folders.
         out_dir: report folder.
         threads: thread counts, each measured for every row.
@@ -322,7 +331,7 @@ def run_benchmarks(
         quick: few repeats and a small volume (a few minutes on 2 cores).
         warmup, repeats: untimed/timed calls per row (defaults: quick 1/3 patch, 1/2 volume; else 3/20, 1/5).
         volume_path: CT volume for the volume workload; else a phantom from ``data.phantom`` is written.
-        dice_cases: ``(image, label)`` held-out cases; defaults to the run dir's validation split.
+        dice_cases: ``(image, label)`` held-out cases; defaults to the run dir's test split.
         max_dice_cases: use at most this many held-out cases (the same ones for every row).
         nsd_tolerance_mm: NSD tolerance passed to the metrics (Dice does not depend on it).
         cross_check: run ``benchmark_app`` on one OpenVINO patch row.
@@ -348,11 +357,16 @@ def run_benchmarks(
     with tempfile.TemporaryDirectory(prefix="bench_work_") as tmp:
         tmp = Path(tmp)
         entries = list(entries or [])
+        dice_split = "given"
         if run_dir is not None:
             found, run_cases = entries_from_run_dir(run_dir)
             entries += found
             if dice_cases is None:
                 dice_cases = run_cases
+                dice_split = run_dir_cases(run_dir)[0] or "given"
+                if dice_split == "val":
+                    notes.append("The run has no test split: Dice is scored on validation cases, which chose the "
+                                 "checkpoints and the INT8 settings; it is optimistic.")
         known = {Path(e.bundle).resolve() for e in entries if e.bundle}
         for b in bundles:  # the pipeline passes its bundles and the run dir that holds them: count each once
             if Path(b).resolve() not in known:
@@ -370,10 +384,10 @@ def run_benchmarks(
         if max_dice_cases is not None:
             dice_cases = dice_cases[: int(max_dice_cases)]
         if not dice_cases:
-            notes.append("Dice is empty: no labelled held-out cases were given (a run dir's validation split).")
+            notes.append("Dice is empty: no labelled held-out cases were given (a run dir's test split).")
         else:
             notes.append(f"Dice, NSD: mean foreground Dice and NSD (tolerance {nsd_tolerance_mm:g} mm) over the same "
-                         f"{len(dice_cases)} held-out case(s) for every row (whole-volume path, original grid); one "
+                         f"{len(dice_cases)} held-out {'test ' if dice_split == 'test' else ''}case(s) for every row (whole-volume path, original grid); one "
                          f"score per model × runtime × precision, shown on each of its rows.")
             untrained = [e.name for e in entries if (e.torch or {}).get("kind") == "arch"]
             if untrained:

@@ -7,10 +7,10 @@ nnU-Net v2 raw: ``dataset.json`` with ``labels`` as ``{"background": 0, "liver":
 and ``file_ending``; images ``imagesTr/<case>_0000<ending>``, labels ``labelsTr/<case><ending>``, unlabelled
 ``imagesTs/<case>_0000<ending>``. Only single-channel CT is supported.
 
-Train/validation splits are stored in ``splits.json`` and are authoritative once written: a resumed run,
-or a user who edited the file by hand, gets exactly that split. If the dataset's case list no longer
+Train/validation/test splits are stored in ``splits.json`` and are authoritative once written: a resumed
+run, or a user who edited the file by hand, gets exactly that split. If the dataset's case list no longer
 matches the saved split, ``make_split`` refuses (delete the file to draw a new split) rather than silently
-moving cases between training and validation.
+moving cases between the splits.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import numpy as np
 
 from data.atomic import write_json_atomic
 from data.checks import DataError
+
+# The three splits: training; validation (chooses checkpoints, pruning, λ, INT8); test (scored once, for the report).
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -208,45 +211,68 @@ def load_dataset(root: str | Path, layout: str = "auto") -> CTDataset:
 
 
 def make_split(dataset: CTDataset, val_fraction: float = 0.2, seed: int = 0,
-               path: str | Path | None = None) -> dict[str, list[str]]:
-    """Split labelled cases into training and validation, reproducibly; reuse a saved split.
+               path: str | Path | None = None, test_fraction: float = 0.0) -> dict[str, list[str]]:
+    """Split labelled cases into training, validation and test, reproducibly; reuse a saved split.
+
+    Validation chooses (checkpoints, pruning, λ, the INT8 check); test is scored once, for the report.
+    Test cases are drawn first from the seeded permutation, validation cases next, the rest train.
 
     Args:
         dataset: the dataset to split.
-        val_fraction: share of cases for validation (at least one case each side when there are >= 2).
+        val_fraction: share of cases for validation (at least one case when there are >= 2).
         seed: permutation seed.
         path: ``splits.json`` to reuse if present (must hold exactly this dataset's cases) or to write.
+        test_fraction: share of cases held out for the test split (at least one when > 0 and there are >= 3).
 
     Returns:
-        ``{"train": [case ids], "val": [case ids]}``, each sorted.
+        ``{"train": [case ids], "val": [case ids], "test": [case ids]}``, each sorted.
 
     Raises:
-        DataError: a saved split that does not match the dataset's cases, or an invalid fraction.
+        DataError: a saved split that does not match the dataset's cases, or invalid fractions.
     """
     ids = sorted(dataset.case_ids)
     if path is not None and Path(path).is_file():
         saved = _read_json(Path(path))
         try:
-            train, val = list(saved["train"]), list(saved["val"])
+            parts = {name: list(saved.get(name, [])) for name in SPLITS}
+            if not isinstance(saved["train"], list) or not isinstance(saved["val"], list):
+                raise TypeError
         except (KeyError, TypeError) as exc:
-            raise DataError(f"{path}: a split file needs 'train' and 'val' lists") from exc
-        if set(train) & set(val):
-            raise DataError(f"{path}: cases in both train and val: {sorted(set(train) & set(val))[:5]}")
-        if sorted(train + val) != ids:
-            missing = sorted(set(ids) - set(train) - set(val))
-            extra = sorted(set(train + val) - set(ids))
+            raise DataError(f"{path}: a split file needs 'train' and 'val' lists (and optionally 'test')") from exc
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            both = set(parts[a]) & set(parts[b])
+            if both:
+                raise DataError(f"{path}: cases in both {a} and {b}: {sorted(both)[:5]}")
+        listed = parts["train"] + parts["val"] + parts["test"]
+        if sorted(listed) != ids:
+            missing = sorted(set(ids) - set(listed))
+            extra = sorted(set(listed) - set(ids))
             raise DataError(f"{path}: saved split does not match the dataset's cases (not in split: {missing[:5]}, "
                             f"not in dataset: {extra[:5]}); delete the file to draw a new split")
-        return {"train": sorted(train), "val": sorted(val)}
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(val_fraction * len(ids)))
-    if val_fraction > 0 and len(ids) >= 2:
-        n_val = min(max(n_val, 1), len(ids) - 1)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    val = sorted(ids[i] for i in order[:n_val])
-    train = sorted(ids[i] for i in order[n_val:])
-    split = {"train": train, "val": val}
+        wanted_test = float(test_fraction) > 0
+        if wanted_test and not parts["test"]:
+            raise DataError(f"{path}: saved split has no test cases but test_fraction={test_fraction}; delete the "
+                            f"file to draw a three-way split (a figure on the validation cases that chose the "
+                            f"checkpoints is not a test result)")
+        return {name: sorted(parts[name]) for name in SPLITS}
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= float(value) < 1.0:
+            raise DataError(f"{name} must be in [0, 1), got {value}")
+    if float(val_fraction) + float(test_fraction) >= 1.0:
+        raise DataError(f"val_fraction + test_fraction must leave training cases, got {val_fraction} + {test_fraction}")
+    n = len(ids)
+    n_test = int(round(float(test_fraction) * n))
+    if test_fraction > 0 and n >= 3:
+        n_test = min(max(n_test, 1), n - 2)
+    n_val = int(round(float(val_fraction) * n))
+    if val_fraction > 0 and n - n_test >= 2:
+        n_val = min(max(n_val, 1), n - n_test - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    test = sorted(ids[i] for i in order[:n_test])
+    val = sorted(ids[i] for i in order[n_test:n_test + n_val])
+    train = sorted(ids[i] for i in order[n_test + n_val:])
+    split = {"train": train, "val": val, "test": test}
     if path is not None:
-        write_json_atomic(path, {**split, "seed": int(seed), "val_fraction": float(val_fraction)})
+        write_json_atomic(path, {**split, "seed": int(seed), "val_fraction": float(val_fraction),
+                                 "test_fraction": float(test_fraction)})
     return split

@@ -1,7 +1,9 @@
 """The pipeline's data stage: a dataset on disk, checked, split, with its preprocessing spec.
 
 Its artifact, ``<run>/data/data.json``, is what every later stage reads: the dataset root, the labels,
-the preprocessing spec, and the case lists (training, validation, unlabelled) with absolute paths.
+the preprocessing spec, and the case lists (training, validation, test, unlabelled) with absolute paths.
+Validation cases choose (checkpoints, pruning, λ, the INT8 check); test cases are scored once, by the
+evaluation stage and the benchmark's Dice column, and by nothing else.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ class PreparedData:
         labels: ``{class id: name}`` including ``0: "background"``.
         preprocess: preprocessing spec (docs/interfaces.md).
         train: labelled training cases ``{"case_id", "image", "label"}``.
-        val: held-out labelled cases, same form.
+        val: held-out labelled cases that choose checkpoints, λ and INT8 settings, same form.
+        test: held-out labelled cases scored once, for the report, same form.
         unlabelled: cases without a label ``{"case_id", "image"}`` (e.g. ``imagesTs``).
     """
 
@@ -35,11 +38,18 @@ class PreparedData:
     preprocess: dict
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
+    test: list[dict] = field(default_factory=list)
     unlabelled: list[dict] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return max(self.labels) + 1
+
+    def scoring_split(self) -> tuple[str, list[dict]]:
+        """The split a reported figure is scored on: ``("test", test cases)``, or ``("val", validation cases)``
+        for a run without a test split (``data.test_fraction: 0``), whose figures the report marks as chosen on
+        the same cases and therefore optimistic."""
+        return ("test", self.test) if self.test else ("val", self.val)
 
     def save(self, path: str | Path) -> Path:
         """Write the artifact as JSON (atomic)."""
@@ -110,12 +120,18 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     checked = check_dataset(dataset, skip_bad=bool(dcfg.get("skip_bad_cases", False)))
     if checked is not None:  # check_dataset returns the dataset without the skipped cases
         dataset = checked
-    split = make_split(dataset, val_fraction=float(dcfg.get("val_fraction", 0.2)), seed=seed, path=data_dir / "splits.json")
+    test_fraction = float(dcfg.get("test_fraction", 0.0))
+    split = make_split(dataset, val_fraction=float(dcfg.get("val_fraction", 0.2)), seed=seed,
+                       path=data_dir / "splits.json", test_fraction=test_fraction)
     by_id = {c["case_id"]: c for c in dataset.training}
     train = [_as_item(by_id[i], True) for i in split["train"] if i in by_id]
     val = [_as_item(by_id[i], True) for i in split["val"] if i in by_id]
+    test = [_as_item(by_id[i], True) for i in split["test"] if i in by_id]
     if not train or not val:
         raise DataStageError(f"{root}: split gives {len(train)} training and {len(val)} validation cases; need >= 1 each")
+    if test_fraction > 0 and not test:
+        raise DataStageError(f"{root}: data.test_fraction={test_fraction} but the split holds no test case "
+                             f"({len(dataset.training)} labelled cases)")
     unlabelled = [_as_item(c, False) for c in dataset.test] if dcfg.get("use_unlabeled", True) else []
 
     stats = None
@@ -125,9 +141,10 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
         stats = compute_zscore_stats(dataset, [c["case_id"] for c in train], data_dir / "zscore_stats.json")
     spec = preprocess_spec(cfg["preprocess"], stats)
     labels = {int(k): str(v) for k, v in dataset.labels.items()}
-    prepared = PreparedData(root=str(Path(root).resolve()), labels=labels, preprocess=spec, train=train, val=val, unlabelled=unlabelled)
+    prepared = PreparedData(root=str(Path(root).resolve()), labels=labels, preprocess=spec, train=train, val=val,
+                            test=test, unlabelled=unlabelled)
     prepared.save(data_dir / "data.json")
     if progress:
-        print(f"[data] {len(train)} training, {len(val)} validation, {len(unlabelled)} unlabelled cases; "
+        print(f"[data] {len(train)} training, {len(val)} validation, {len(test)} test, {len(unlabelled)} unlabelled cases; "
               f"{prepared.num_classes} classes; spacing {spec['spacing_mm']} mm")
     return prepared

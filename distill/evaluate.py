@@ -1,4 +1,8 @@
-"""Held-out evaluation of the teacher and the students on the same validation cases.
+"""Held-out evaluation of the teacher and the students on the same test cases (scored once, for the report).
+
+The cases are ``PreparedData.scoring_split()``: the test split, or the validation split of a run without
+one (``data.test_fraction: 0``), in which case every figure is recorded as ``"split": "val"`` and the report
+says it was measured on the cases that chose the checkpoints.
 
 Every model predicts every validation case through the same sliding window
 (``evaluation.sliding_window.predict_logits``) on the preprocessed grid (the spacing of the preprocessing
@@ -36,7 +40,7 @@ def evaluate_models(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
 ) -> dict[str, dict]:
-    """Score each model on ``data.val`` and write ``out_dir/metrics.json`` (+ ``per_case.csv``).
+    """Score each model on the test split (``data.scoring_split()``) and write ``out_dir/metrics.json`` (+ ``per_case.csv``).
 
     Args:
         models: ``{display name: {"kind": "teacher"|"student", "checkpoint": path, ...}}``.
@@ -47,7 +51,8 @@ def evaluate_models(
         log: progress lines.
 
     Returns:
-        ``{name: {"kind", "checkpoint", "params", "file_mb", "roi_size", "seconds", "summary"}}`` with
+        ``{name: {"kind", "checkpoint", "params", "file_mb", "roi_size", "seconds", "split", "case_ids",
+        "summary"}}`` with
         ``summary`` from ``evaluation.metrics.summarize`` (per-class and mean Dice/NSD/HD95).
     """
     from data.transforms import load_transforms
@@ -61,7 +66,11 @@ def evaluate_models(
     tolerance = float(ecfg.get("nsd_tolerance_mm", 2.0))
     spacing = [float(s) for s in data.preprocess["spacing_mm"]]
     load = load_transforms(data.preprocess, keys=("image", "label"))
-    cases = [(c["case_id"], load(dict(c))) for c in data.val]
+    split, items = data.scoring_split()
+    if split != "test":
+        log(f"[evaluation] no test split (data.test_fraction is 0): scoring the {len(items)} validation cases, which "
+            f"chose the checkpoints; these figures are optimistic")
+    cases = [(c["case_id"], load(dict(c))) for c in items]
 
     results: dict[str, dict] = {}
     all_rows = []
@@ -86,10 +95,12 @@ def evaluate_models(
             "file_mb": round(Path(spec["checkpoint"]).stat().st_size / 2**20, 2),
             "roi_size": roi,
             "seconds": round(seconds, 2),
+            "split": split,
+            "case_ids": [case_id for case_id, _ in cases],
             "summary": summary,
         }
         all_rows += rows
-        log(f"[evaluation] {name}: mean Dice {summary['mean']['dice']:.3f} on {summary['cases']} cases ({seconds:.1f} s)")
+        log(f"[evaluation] {name}: mean Dice {summary['mean']['dice']:.3f} on {summary['cases']} {split} cases ({seconds:.1f} s)")
         del model
     write_json_atomic(out_dir / "metrics.json", results)
     _write_rows(all_rows, out_dir / "per_case.csv")

@@ -1,7 +1,8 @@
 """The pipeline's closing report: does the teacher earn its cost?
 
-Teacher, KD students and the λ = 0 student side by side on the same held-out cases (per-class Dice),
-their sizes, the stage wall times, and where every artifact lives. ``build_report`` gathers plain data
+Teacher, KD students and the λ = 0 student side by side on the same test cases (per-class Dice), the
+split sizes, their sizes, the stage wall times, and where every artifact lives. Every Dice names its split
+and case count: test figures are scored once; validation figures chose checkpoints and λ and are optimistic. ``build_report`` gathers plain data
 (``report.json``); ``format_report`` renders it as Markdown (``report.md``, also printed).
 """
 from __future__ import annotations
@@ -50,15 +51,21 @@ def build_report(
             "mean": m["summary"]["mean"],
             "per_class_dice": {c: v["dice"] for c, v in m["summary"]["per_class"].items()},
             "cases": m["summary"]["cases"],
+            "split": m.get("split", "val"),
         }
         for name, m in evaluation.items()
     }
+    data_info = records["data"].info if "data" in records else {}
+    splits = {k: int(data_info[k]) for k in ("train", "val", "test", "unlabelled") if k in data_info}
     return {
         "run": str(cfg["run"]["name"]),
         "run_dir": str(run_dir),
         "wall_seconds": round(float(wall_seconds), 1),
+        "splits": splits,
         "models": models,
-        "students": [{k: v for k, v in s.to_dict().items() if k != "history"} for s in students],
+        # best_dice of a student is its best validation Dice: the figure that chose its checkpoint.
+        "students": [{**{k: v for k, v in s.to_dict().items() if k != "history"}, "best_dice_split": "val",
+                      "val_cases": splits.get("val")} for s in students],
         "stages": stages,
         "bundles": dict(bundles),
         "benchmark": dict(benchmark) if benchmark else None,
@@ -77,10 +84,20 @@ def format_report(report: Mapping[str, Any]) -> str:
     """Markdown: per-class Dice table, model sizes, stage times, artifact locations."""
     models = report["models"]
     lines = [f"# sam3d-distill report: {report['run']}", ""]
+    splits = report.get("splits") or {}
+    if splits:
+        lines += ["Cases: " + ", ".join(f"{splits[k]} {name}" for k, name in (
+            ("train", "training"), ("val", "validation (chooses checkpoints, λ, INT8)"),
+            ("test", "test (scored once, below)"), ("unlabelled", "unlabelled")) if k in splits), ""]
     if models:
         classes = list(next(iter(models.values()))["per_class_dice"])
-        cases = next(iter(models.values()))["cases"]
-        lines += [f"## Dice on {cases} held-out validation cases", ""]
+        first = next(iter(models.values()))
+        cases, split = first["cases"], first.get("split", "val")
+        if split == "test":
+            lines += [f"## Dice on {cases} test cases", ""]
+        else:
+            lines += [f"## Dice on {cases} validation cases (no test split: these cases chose the checkpoints, "
+                      "so the figures are optimistic)", ""]
         lines.append("| class | " + " | ".join(models) + " |")
         lines.append("|---|" + "---:|" * len(models))
         for c in classes:
@@ -94,7 +111,10 @@ def format_report(report: Mapping[str, Any]) -> str:
             lam = "–" if m["lambda_kd"] is None else f"{m['lambda_kd']:g}"
             lines.append(f"| {name} | {lam} | {m['params'] / 1e6:.2f} M | {m['file_mb']:.1f} |")
     if report["students"]:
-        lines += ["", "## Student training", "", "| student | λ | steps | best val Dice | s/step |", "|---|---:|---:|---:|---:|"]
+        val_cases = splits.get("val")
+        val_note = f" ({val_cases} validation cases, chose the checkpoint)" if val_cases else " (chose the checkpoint)"
+        lines += ["", "## Student training", "", f"| student | λ | steps | best val Dice{val_note} | s/step |",
+                  "|---|---:|---:|---:|---:|"]
         for s in report["students"]:
             lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {s['last_step']} | {_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
     tune = report.get("tune")
@@ -102,7 +122,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         ends = tune.get("endpoints") or {}
         counts = tune.get("trials") or {}
         lines += ["", "## λ search (Optuna)", "",
-                  f"Best λ = {tune['best_lambda']:.3g} (validation Dice {_fmt(tune.get('best_dice'))}); "
+                  f"Best λ = {tune['best_lambda']:.3g} (chosen on validation Dice {_fmt(tune.get('best_dice'))}); "
                   f"λ = 0: {_fmt(ends.get('lambda_0'))}; λ = 1: {_fmt(ends.get('lambda_1'))}; "
                   f"trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
                   f"{counts.get('failed', 0)} failed. The final students above train with the best λ; one whose "

@@ -20,7 +20,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch
 from data.atomic import write_json_atomic
 from deploy.bundle import FORMAT_VERSION, MANIFEST, file_sha256, load_bundle
 from deploy.runtime import cpu_supports_bf16
-from export.calibration import dataset_crops
+from export.calibration import case_crops, dataset_crops
 from export.errors import ExportError
 from export.int8 import quantize_onnxruntime, quantize_openvino
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, dynamic_batch_works, export_onnx, onnx_logits
@@ -43,6 +43,9 @@ def _as_items(source: Any, meta: dict, count: int, seed: int) -> list[tuple[np.n
         return None
     if isinstance(source, (str, Path)):
         return dataset_crops(source, meta["preprocess"], meta["roi_size"], count, seed=seed)
+    source = list(source)
+    if source and isinstance(source[0], Mapping):  # cases {"image": path, "label": path}, e.g. one split's
+        return case_crops(source, meta["preprocess"], meta["roi_size"], count, seed=seed)
     items = []
     for entry in source:
         crop, label = entry if isinstance(entry, tuple) else (entry, None)
@@ -96,7 +99,8 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
         student_ckpt: ``student.pt`` (``student.save_student``).
         out_dir: bundle folder to create (replaced atomically if it exists).
         calibration: a dataset folder (``dataset.json``; crops are drawn through the training
-            preprocessing), or crops ``C x roi`` / ``(crop, label)`` pairs. Used for INT8 calibration and as
+            preprocessing), a list of labelled cases ``{"image": path, "label": path}`` (the pipeline passes its
+            training split), or crops ``C x roi`` / ``(crop, label)`` pairs. Used for INT8 calibration and as
             the parity crops. ``None``: the checkpoint's ``dataset_dir`` or ``config.data.source`` if that is a
             dataset folder; otherwise parity runs on random crops and INT8 is skipped.
         validation: as ``calibration``, for the INT8 accuracy check (labels give true Dice; without labels

@@ -48,17 +48,30 @@ def dataset_crops(dataset_dir: str | Path, preprocess: Mapping[str, Any], roi_si
         max_cases: cases loaded at most (each is resampled in full; keeps export affordable).
     """
     from data.dataset import load_dataset
-    from data.transforms import load_transforms
 
     try:
         dataset = load_dataset(dataset_dir)
     except ValueError as exc:
         raise ExportError(f"calibration data {dataset_dir}: {exc}") from exc
-    items = dataset.items()[: max(int(max_cases), 1)]
+    return case_crops(dataset.items(), preprocess, roi_size, count, seed=seed, max_cases=max_cases)
+
+
+def case_crops(cases: Sequence[Mapping[str, Any]], preprocess: Mapping[str, Any], roi_size: Sequence[int], count: int,
+               seed: int = 0, max_cases: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` labelled crops from given cases (``{"image": path, "label": path}``), e.g. one split's.
+
+    The pipeline calibrates on training cases and checks INT8 on validation cases, so that the test cases the
+    report scores are never seen by export. Arguments as :func:`dataset_crops`.
+    """
+    from data.transforms import load_transforms
+
+    items = [c for c in cases if c.get("label")][: max(int(max_cases), 1)]
+    if not items:
+        raise ExportError("calibration cases: none of the given cases has a label")
     transform = load_transforms(dict(preprocess))
     rng = np.random.default_rng(seed)
     volumes = []
     for item in items:
-        data = transform({"image": item["image"], "label": item["label"]})
+        data = transform({"image": str(item["image"]), "label": str(item["label"])})
         volumes.append((np.asarray(data["image"], np.float32), np.asarray(data["label"], np.float32)[0].round().astype(np.int64)))
     return [foreground_crop(*volumes[i % len(volumes)], roi_size, rng) for i in range(int(count))]

@@ -275,7 +275,8 @@ def load_cases(data: str | Path, spec: dict, max_cases: int | None = None) -> tu
     if artifact.is_file():
         from data.prepare import PreparedData
 
-        items, what = PreparedData.load(artifact).val, f"validation cases of {root}"
+        split, items = PreparedData.load(artifact).scoring_split()
+        what = f"{'test' if split == 'test' else 'validation (no test split)'} cases of {root}"
     elif root.is_dir():
         from data.dataset import load_dataset
 

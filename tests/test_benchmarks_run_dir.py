@@ -1,7 +1,7 @@
 """The benchmark harness on a pipeline-shaped run folder, and the step profile of a deployed segmentation.
 
 The run folder is made the way distill/pipeline.py makes it: the data stage on phantoms (data/data.json
-with a validation split), a student checkpoint, and its bundle at bundle/<student>/bundle/ written by
+with validation and test splits), a student checkpoint, and its bundle at bundle/<student>/bundle/ written by
 export.build_bundle. A small U-Net student keeps export to seconds; no timing is asserted.
 """
 import json
@@ -20,7 +20,7 @@ from benchmarks.volume import sliding_window_count
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """runs/<name>/ with data/data.json (2 validation cases), students/unet_small/student.pt and
+    """runs/<name>/ with data/data.json (1 training, 1 validation, 1 test case), students/unet_small/student.pt and
     bundle/unet_small/bundle/ (FP32), plus a stale half-written bundle copy that must be ignored."""
     from configs import load_config
     from data.prepare import prepare_data
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
     cfg = load_config("demo", ["data.phantom_cases=3", "data.phantom_test_cases=0", "data.phantom_size=[64,64,32]",
-                               "data.val_fraction=0.34"])
+                               "data.val_fraction=0.34", "data.test_fraction=0.34"])
     data = prepare_data(cfg, run / "data", progress=False)
     ckpt = save_student(run / "students" / "unet_small" / "student.pt", build_student("unet_small", data.num_classes),
                         {"arch": {"name": "unet_small", "num_classes": data.num_classes, "in_channels": 1},
@@ -42,12 +42,12 @@ def run_dir(tmp_path_factory):
     return run, bundle, data
 
 
-def test_run_dir_rows_are_each_measured_once_and_scored_on_the_validation_split(run_dir, tmp_path):
+def test_run_dir_rows_are_each_measured_once_and_scored_on_the_test_split(run_dir, tmp_path):
     run, bundle, data = run_dir
     entries, cases = entries_from_run_dir(run)
     assert [e.name for e in entries] == ["unet_small"]  # the student's folder; the hidden copy is skipped
     assert entries[0].torch == {"kind": "student", "path": str((run / "students" / "unet_small" / "student.pt").resolve())}
-    assert cases == [(c["image"], c["label"]) for c in data.val]
+    assert len(data.test) == 1 and cases == [(c["image"], c["label"]) for c in data.test]
 
     # what distill/pipeline.py passes: the run dir and, again, its bundle
     # the eager (PyTorch) rows run the same code path but cost ~30 s of imports and sliding window here
@@ -68,7 +68,7 @@ def test_run_dir_rows_are_each_measured_once_and_scored_on_the_validation_split(
         # a deployed row's process holds no torch: far below the test process that runs it
         assert r["base_rss_mb"] <= r["peak_rss_mb"] < 1500
     md = (tmp_path / "bench" / "report.md").read_text()
-    assert "held-out case" in md and "unet_small" in md
+    assert "held-out test case" in md and "unet_small" in md
 
 
 def test_eager_rows_segment_a_volume_as_the_deployed_bundle_does(run_dir, tmp_path):

@@ -114,6 +114,7 @@ def test_saved_split_is_reused_and_a_changed_case_list_is_refused(tmp_path):
     # ... and a hand-edited split is respected.
     edited = {"train": first["train"][1:], "val": first["val"] + first["train"][:1]}
     path.write_text(json.dumps(edited))
-    assert make_split(fake_dataset(10), path=path) == {"train": sorted(edited["train"]), "val": sorted(edited["val"])}
+    assert make_split(fake_dataset(10), path=path) == {"train": sorted(edited["train"]), "val": sorted(edited["val"]),
+                                                       "test": []}
     with pytest.raises(DataError, match="does not match the dataset's cases"):
         make_split(fake_dataset(11), path=path)
