@@ -9,6 +9,18 @@ be clipped to the same value.
 ``random_crop_transforms`` samples ``num_samples`` ROI crops per case. Extra image-like keys (e.g.
 ``"teacher"``: cached teacher logits ``K x X x Y x Z`` aligned with the output of ``load_transforms``) get
 exactly the same crops, flips and rotations as the image and label.
+
+Padding. A body-cropped volume is often smaller than the ROI (a 4 mm phantom is ~52 x 39 voxels in-plane
+against a 64 x 64 student ROI), so crops are padded. The image is padded with ``IMAGE_PAD_VALUE`` (0.0),
+exactly what every sliding window pads with at inference (``evaluation.sliding_window`` through MONAI's
+``cval``, ``deploy.sliding_window``, the native teacher cache): under the HU window 0 is the window floor,
+the value air and fat already take around the body, so the models see in training what they see in use.
+The label is padded with 0 (background). A teacher target has no honest value there: a zero logit is a
+*uniform* distribution over the K classes, not "background", and any invented logit would set the KD term's
+scale on voxels the teacher never saw. So ``inside_key`` adds a ``1 x roi`` mask (1 inside the volume, 0 on
+padding) that travels with the crop, and the KD loss (``distill.loss.KDLoss``) averages over inside voxels
+only; on padding only the label speaks (DiceCE says background). The same mask serves online KD, where the
+teacher runs on the padded crop.
 """
 from __future__ import annotations
 
@@ -16,8 +28,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import (
+    MapTransform,
     ClassesToIndicesd,
     Compose,
     CropForegroundd,
@@ -43,6 +57,9 @@ from data.checks import DataError
 
 # Voxels above this HU belong to the patient (air is about -1000 HU, lung about -850, fat about -100).
 BODY_THRESHOLD_HU = -500.0
+BODY_CROP_MARGIN = 4  # voxels kept around the body by load_transforms' crop (keys the teacher cache)
+# What a padded image voxel holds, in training crops and in every sliding window at inference (see above).
+IMAGE_PAD_VALUE = 0.0
 
 
 def _above_air(x):
@@ -73,7 +90,7 @@ def intensity_transforms(spec: dict, key: str = "image") -> list:
     raise DataError(f"preprocess spec: intensity mode must be 'scale' or 'zscore', got {mode!r}")
 
 
-def load_transforms(spec: dict, keys: Sequence[str] = ("image", "label"), crop_margin: int = 4) -> Compose:
+def load_transforms(spec: dict, keys: Sequence[str] = ("image", "label"), crop_margin: int = BODY_CROP_MARGIN) -> Compose:
     """Deterministic loading and preprocessing; this is what dataset caches hold.
 
     Args:
@@ -117,6 +134,23 @@ DEFAULT_ROTATE_PROB = 0.1
 AUGMENT_KEYS = ("affine_prob", "affine_rotate_deg", "affine_scale", "intensity_prob", "intensity_shift", "intensity_scale")
 
 
+class AddInsideMaskd(MapTransform):
+    """Add ``key``: a ``1 x X x Y x Z`` float mask of ones on the grid of ``like_key``, before any padding.
+
+    Padded afterwards with 0 like every other key, it marks which crop voxels lie inside the volume.
+    """
+
+    def __init__(self, key: str = "inside", like_key: str = "image") -> None:
+        super().__init__(keys=[like_key])
+        self.key, self.like_key = key, like_key
+
+    def __call__(self, data):
+        d = dict(data)
+        shape = tuple(int(s) for s in d[self.like_key].shape[1:])
+        d[self.key] = torch.ones((1, *shape), dtype=torch.float32)
+        return d
+
+
 def check_augmentation(roi_size: Sequence[int], flip_prob: float, rotate_prob: float, affine_prob: float = 0.0,
                        affine_rotate_deg: float = 0.0, affine_scale: float = 0.0, intensity_prob: float = 0.0,
                        intensity_shift: float = 0.0, intensity_scale: float = 0.0) -> None:
@@ -142,7 +176,8 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
                            class_balanced: bool = True, flip_prob: float = DEFAULT_FLIP_PROB,
                            rotate_prob: float = DEFAULT_ROTATE_PROB, affine_prob: float = 0.0,
                            affine_rotate_deg: float = 15.0, affine_scale: float = 0.1, intensity_prob: float = 0.0,
-                           intensity_shift: float = 0.1, intensity_scale: float = 0.1) -> Compose:
+                           intensity_shift: float = 0.1, intensity_scale: float = 0.1,
+                           inside_key: str | None = None) -> Compose:
     """Random ROI crops with flips, axial rotations and optional affine and intensity jitter.
 
     Geometric transforms are identical for all keys; intensity jitter touches the image only.
@@ -163,6 +198,8 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
             bilinear, label nearest, edges replicated (``border``) so no artificial air enters the crop.
         intensity_prob: probability of each of an intensity shift (``± intensity_shift``, in units of the
             preprocessed image: 0.1 is 42 HU under the demo window) and scale (``1 ± intensity_scale``).
+        inside_key: when given, the crops also carry ``inside_key``: ``1 x roi``, 1 where the voxel lies inside
+            the volume, 0 on padding (and where an affine pulls in voxels from outside); see the module docstring.
 
     Returns:
         A Compose producing a list of ``num_samples`` dicts with tensors of spatial size ``roi_size``.
@@ -176,7 +213,7 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
     check_augmentation(roi, flip_prob, rotate_prob, affine_prob, affine_rotate_deg, affine_scale, intensity_prob,
                        intensity_shift, intensity_scale)
     image_key, label_key = keys[0], keys[1]
-    all_keys = keys + list(extra_keys)
+    all_keys = keys + list(extra_keys) + ([inside_key] if inside_key else [])
     if class_balanced:
         # Indices per class are computed once (cached with the deterministic part), not per sample.
         sampling = [
@@ -189,7 +226,8 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
         sampling = [RandCropByPosNegLabeld(keys=all_keys, label_key=label_key, spatial_size=roi, pos=1, neg=1,
                                            num_samples=num_samples, image_key=image_key)]
     return Compose([
-        SpatialPadd(keys=all_keys, spatial_size=roi),
+        *([AddInsideMaskd(inside_key, image_key)] if inside_key else []),
+        SpatialPadd(keys=all_keys, spatial_size=roi, value=IMAGE_PAD_VALUE),
         *sampling,
         RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=0),
         RandFlipd(keys=all_keys, prob=flip_prob, spatial_axis=1),
@@ -198,7 +236,8 @@ def random_crop_transforms(roi_size: Sequence[int], num_classes: int, keys: Sequ
         *([RandAffined(keys=all_keys, prob=affine_prob, spatial_size=roi,
                        rotate_range=(0.0, 0.0, float(np.deg2rad(affine_rotate_deg))),
                        scale_range=(affine_scale,) * 3,
-                       mode=["bilinear" if k != label_key else "nearest" for k in all_keys], padding_mode="border")]
+                       mode=["nearest" if k in (label_key, inside_key) else "bilinear" for k in all_keys],
+                       padding_mode=["zeros" if k == inside_key else "border" for k in all_keys])]
           if affine_prob > 0 else []),
         *([RandShiftIntensityd(keys=image_key, offsets=intensity_shift, prob=intensity_prob),
            RandScaleIntensityd(keys=image_key, factors=intensity_scale, prob=intensity_prob)]

@@ -33,6 +33,11 @@ def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125)
     return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
 
 
+# What a padded voxel holds: training pads its crops with the same value (data.transforms.IMAGE_PAD_VALUE;
+# deploy imports nothing of the training code, so the value is repeated here and a test keeps the two equal).
+IMAGE_PAD_VALUE = 0.0
+
+
 def window_starts(image_size: int, roi: int, overlap: float) -> list[int]:
     """Start indices of the windows along one axis (``image_size >= roi``)."""
     interval = roi if roi == image_size else max(int(roi * (1 - overlap)), 1)
@@ -71,7 +76,7 @@ def sliding_window_logits(
     spatial = image.shape[1:]
     pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, spatial)]
     if any(p for pair in pads for p in pair):
-        image = np.pad(image, [(0, 0), *pads], mode="constant", constant_values=0.0)
+        image = np.pad(image, [(0, 0), *pads], mode="constant", constant_values=IMAGE_PAD_VALUE)
     padded = image.shape[1:]
     starts = itertools.product(*[window_starts(s, r, overlap) for s, r in zip(padded, roi)])
     weights = gaussian_importance_map(roi, sigma_scale)

@@ -10,6 +10,11 @@ by T² (``scale_by_t2=True``, the default) so that changing T does not silently 
 factor is 1. The logit form uses no temperature (dividing both logits by T would only scale MSE by 1/T²,
 which T² undoes).
 
+Voxels where the teacher has nothing to say are left out of the KD term: ``kd_mask`` (``B x 1 x X x Y x Z``,
+1 inside the volume, 0 on the padding of a crop larger than its volume; ``data.transforms`` explains why a
+mask and not an invented target) makes the MSE a mean over the masked voxels (and the K channels), which
+is the plain mean when the mask is all ones.
+
 Cases without a label (unlabelled volumes labelled by the teacher through the cache) contribute only the
 KD term: ``has_label`` (B,) marks the labelled ones. The KD term is the mean over the whole batch, the
 supervised term the DiceCE over the labelled cases only (0 when the batch has none), so an unlabelled case
@@ -65,16 +70,35 @@ class KDLoss(nn.Module):
         self.scale_by_t2 = scale_by_t2
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def kd_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """Mean squared difference between student and teacher, both ``B x K x X x Y x Z``."""
+    def kd_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                kd_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared difference between student and teacher, both ``B x K x X x Y x Z``.
+
+        Args:
+            student_logits: ``B x K x X x Y x Z``.
+            teacher_logits: same shape.
+            kd_mask: ``B x 1 x X x Y x Z`` (or ``B x X x Y x Z``) weights, 1 where the teacher's target counts;
+                None counts every voxel.
+        """
         teacher_logits = teacher_logits.detach().to(student_logits.dtype)
         if self.kd_target == "logits":
-            return F.mse_loss(student_logits, teacher_logits)
-        t = self.temperature
-        p_student = torch.softmax(student_logits / t, dim=1)
-        p_teacher = torch.softmax(teacher_logits / t, dim=1)
-        loss = F.mse_loss(p_student, p_teacher)
-        return loss * (t * t) if self.scale_by_t2 else loss
+            a, b, scale = student_logits, teacher_logits, 1.0
+        else:
+            t = self.temperature
+            a, b = torch.softmax(student_logits / t, dim=1), torch.softmax(teacher_logits / t, dim=1)
+            scale = t * t if self.scale_by_t2 else 1.0
+        if kd_mask is None:
+            return F.mse_loss(a, b) * scale
+        mask = kd_mask.to(a.dtype)
+        if mask.ndim == a.ndim - 1:
+            mask = mask[:, None]
+        if mask.shape[0] != a.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != a.shape[2:]:
+            raise KDLossError(f"kd_mask must be B x 1 x X x Y x Z matching the logits {tuple(a.shape)}, "
+                              f"got {tuple(kd_mask.shape)}")
+        squared = ((a - b) ** 2 * mask).sum()
+        count = mask.sum() * a.shape[1]
+        # A batch made of padding only has no KD voxel: contribute 0, not 0/0.
+        return squared / count.clamp_min(1.0) * scale
 
     def forward(
         self,
@@ -82,6 +106,7 @@ class KDLoss(nn.Module):
         teacher_logits: torch.Tensor | None,
         label: torch.Tensor | None,
         has_label: torch.Tensor | None = None,
+        kd_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Compute the loss for one batch.
 
@@ -92,6 +117,8 @@ class KDLoss(nn.Module):
                 or None when no case is labelled.
             has_label: ``(B,)`` bool, which cases carry a real label; None means all of them when
                 ``label`` is given.
+            kd_mask: ``B x 1 x X x Y x Z``, 1 where the teacher target counts (inside the volume), 0 on
+                padding; None counts every voxel.
 
         Returns:
             ``(loss, {"kd": float, "sup": float})``; the parts are the unweighted terms (0.0 when absent).
@@ -117,7 +144,7 @@ class KDLoss(nn.Module):
                     f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
                     f"{tuple(student_logits.shape)}"
                 )
-            kd = self.kd_term(student_logits, teacher_logits)
+            kd = self.kd_term(student_logits, teacher_logits, kd_mask)
 
         sup = zero
         if self.lambda_kd < 1.0 and bool(has_label.any()):

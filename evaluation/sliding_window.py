@@ -15,7 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from data.atomic import atomic_path
-from data.transforms import val_transforms
+from data.transforms import IMAGE_PAD_VALUE, val_transforms
 
 NumpyPredictor = Callable[[np.ndarray], np.ndarray]
 Predictor = Union[torch.nn.Module, NumpyPredictor]
@@ -45,8 +45,8 @@ def predict_logits(
             already live on ``device``), or any callable on float32 numpy arrays with the same shapes,
             e.g. a wrapper around an ONNX Runtime session.
         image: ``C x X x Y x Z`` preprocessed volume, numpy or torch.
-        roi_size: window size ``[X, Y, Z]`` the predictor accepts. Volumes smaller than it are padded
-            (zeros) and the result cropped back.
+        roi_size: window size ``[X, Y, Z]`` the predictor accepts. Volumes smaller than it are padded with
+            ``data.transforms.IMAGE_PAD_VALUE`` (what training crops are padded with) and the result cropped back.
         num_classes: K, the number of output channels (background included); checked on every window.
         overlap: fraction of overlap between neighbouring windows along each axis, in ``[0, 1)``.
         sw_batch_size: windows per predictor call.
@@ -85,6 +85,8 @@ def predict_logits(
             predictor=run_window,
             overlap=float(overlap),
             mode=mode,
+            padding_mode="constant",
+            cval=IMAGE_PAD_VALUE,
             sw_device=device,
             device=device,
             progress=progress,
