@@ -187,7 +187,7 @@ def run_dir_cases(run_dir: str | Path) -> tuple[str | None, list[tuple[str, str]
 def _teacher_entry(path: Path) -> ModelEntry:
     import torch
 
-    from export.bundle import body_crop_spec
+    from data.transforms import body_crop_spec
 
     meta = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("roi_size", "num_classes"):

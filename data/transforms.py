@@ -58,6 +58,12 @@ from data.checks import DataError
 # Voxels above this HU belong to the patient (air is about -1000 HU, lung about -850, fat about -100).
 BODY_THRESHOLD_HU = -500.0
 BODY_CROP_MARGIN = 4  # voxels kept around the body by load_transforms' crop (keys the teacher cache)
+def body_crop_spec() -> dict[str, float | int]:
+    """The body crop ``load_transforms`` applies by default, read now (not at import): it keys the teacher
+    cache, and deploy bundles carry it so the runtime crops as training did."""
+    return {"threshold_hu": float(BODY_THRESHOLD_HU), "margin": int(BODY_CROP_MARGIN)}
+
+
 # What a padded image voxel holds, in training crops and in every sliding window at inference (see above).
 IMAGE_PAD_VALUE = 0.0
 

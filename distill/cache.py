@@ -22,10 +22,14 @@ Layout::
     <cache_root>/<key>/manifest.json       key inputs, storage format, one entry per case
     <cache_root>/<key>/<case_id>.npz        {"logits": float16 K x x' x y' x z'}
 
-``key`` is a sha256 of the teacher checkpoint file's bytes, the preprocessing spec, the ROI, the overlap
-and the storage format: a retrained teacher or a changed preprocessing lands in a new folder and never
-serves stale targets. Every file is written atomically; the manifest is rewritten after each case, so a
-killed build resumes where it stopped.
+``key`` is a sha256 of the teacher checkpoint file's bytes, the preprocessing spec, the body crop of
+``data.transforms`` (``BODY_THRESHOLD_HU``, ``BODY_CROP_MARGIN``: they decide the grid the teacher sees), the
+ROI, the overlap and the storage format: a retrained teacher or a changed preprocessing lands in a new folder
+and never serves stale targets. Within a folder each entry records the sha256 of the case's image file
+(``image_sha256``): ``build_teacher_cache`` recomputes an entry whose file has changed since, and
+``AttachTeacherd`` refuses one (each file is hashed once, when the transform is made, not per crop). Every
+file is written atomically; the manifest is rewritten after each case, so a killed build resumes where it
+stopped.
 
 At training time ``AttachTeacherd`` loads an entry, upsamples it to the case's preprocessed grid and puts
 it under ``"teacher"`` so that ``data.transforms.random_crop_transforms(..., extra_keys=("teacher",))``
@@ -46,8 +50,13 @@ from monai.transforms import MapTransform
 from torch.nn import functional as F
 
 from data.atomic import atomic_path, file_sha256, write_json_atomic
+from data.transforms import body_crop_spec
 
-CACHE_FORMAT_VERSION = 1
+# 2: entries record the image file's sha256 (``image_sha256``, ``image``), the manifest the body crop.
+CACHE_FORMAT_VERSION = 2
+# A case item's key for its image file's sha256, when the caller has it already. Not "image_...": MONAI takes
+# every "<key>_*" entry of a data dict for that key's metadata dict.
+SOURCE_HASH_KEY = "source_sha256"
 _CASE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -62,6 +71,7 @@ def cache_key(
     overlap: float,
     downsample: int = 2,
     native: bool = False,
+    body_crop: Mapping[str, Any] | None = None,
 ) -> str:
     """Folder name for a cache: everything that changes the stored targets goes into the hash.
 
@@ -72,11 +82,13 @@ def cache_key(
         overlap: sliding-window overlap.
         downsample: storage downsampling factor per axis.
         native: the logits are the teacher's native low-res grid (``downsample`` is its factor).
+        body_crop: the body crop of the loading transforms; None: ``body_crop_spec()`` (the defaults).
     """
     fields = {
         "format": CACHE_FORMAT_VERSION,
         "teacher_sha256": teacher_sha256,
         "preprocess": preprocess,
+        "body_crop": dict(body_crop) if body_crop is not None else body_crop_spec(),
         "roi_size": [int(r) for r in roi_size],
         "overlap": float(overlap),
         "downsample": int(downsample),
@@ -224,17 +236,46 @@ class TeacherCache:
         """Bytes on disk of all entries (manifest excluded)."""
         return sum((self.directory / e["file"]).stat().st_size for e in self.entries.values())
 
-    def load(self, case_id: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+    def stale_entries(self, cases: Iterable[Mapping[str, Any]] | None = None) -> dict[str, str]:
+        """Entries whose image file has changed since they were cached: ``{case_id: why}``.
+
+        Each file is hashed once here. Args:
+            cases: items ``{"case_id", "image"}`` (optionally ``SOURCE_HASH_KEY``) giving each case's current
+                file; None: the file each entry recorded. Entries without a recorded hash (built from
+                in-memory volumes) and files that are not on disk are not checked.
+        """
+        if cases is None:
+            cases = [{"case_id": cid, "image": e.get("image")} for cid, e in self.entries.items()]
+        stale = {}
+        for item in cases:
+            entry = self.entries.get(str(item["case_id"]))
+            recorded = (entry or {}).get("image_sha256")
+            current = case_image_sha256(item)
+            if recorded and current and current != recorded:
+                stale[str(item["case_id"])] = (f"{self.directory}: case {item['case_id']!r} was cached from an image "
+                                               f"with sha256 {recorded[:16]}…, but {item.get('image')} now has "
+                                               f"{current[:16]}… (the image changed; rebuild the cache)")
+        return stale
+
+    def load(self, case_id: str, shape: Sequence[int] | None = None, image_sha256: str | None = None) -> torch.Tensor:
         """Teacher logits of one case on its preprocessed grid, ``K x X x Y x Z`` float32.
 
         Args:
             case_id: the case identifier used when the cache was built.
             shape: the grid the caller holds (the preprocessed image's spatial shape); refused if it is
                 not the grid the teacher saw, which means the preprocessing changed.
+            image_sha256: sha256 of the case's image file now; refused if the entry recorded another one
+                (the image changed since it was cached).
         """
         entry = self.entries.get(case_id)
         if entry is None:
             raise CacheError(f"{self.directory}: no cached teacher output for case {case_id!r}")
+        recorded = entry.get("image_sha256")
+        if image_sha256 is not None and recorded is not None and image_sha256 != recorded:
+            raise CacheError(
+                f"{self.directory}: case {case_id!r} was cached from an image with sha256 {recorded[:16]}…, "
+                f"but its image now has {image_sha256[:16]}… (the image changed; rebuild the cache)"
+            )
         if shape is not None and [int(s) for s in shape] != entry["shape"]:
             raise CacheError(
                 f"{self.directory}: case {case_id!r} was cached on grid {entry['shape']}, "
@@ -263,12 +304,16 @@ def build_teacher_cache(
     downsample: int = 2,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    body_crop: Mapping[str, Any] | None = None,
 ) -> TeacherCache:
-    """Run the teacher once over every case and store its logits (skipping cases already cached).
+    """Run the teacher once over every case and store its logits (skipping cases already cached whose image
+    file is unchanged).
 
     Args:
         teacher: the teacher model (or any predictor ``evaluation.sliding_window.predict_logits`` takes).
-        cases: items with ``"case_id"`` and ``"image"`` (path), labelled or not.
+        cases: items with ``"case_id"`` and ``"image"`` (path), labelled or not; a ``SOURCE_HASH_KEY`` (the
+            file's sha256, e.g. computed by the caller already) saves hashing the file again. The sha256 of
+            each image file is recorded per entry; an entry recorded for other bytes is recomputed.
         load_case: the deterministic preprocessing (``data.transforms.load_transforms(spec, keys=("image",))``)
             mapping an item to a dict whose ``"image"`` is ``1 x X x Y x Z``.
         cache_root: parent folder; the cache lives in ``cache_root/<key>``.
@@ -280,6 +325,8 @@ def build_teacher_cache(
         downsample: storage downsampling per axis (1 = full resolution).
         device: where the teacher runs.
         progress: show a tqdm bar.
+        body_crop: the body crop ``load_case`` applies (keys the cache); None: ``body_crop_spec()``, the
+            defaults of ``data.transforms.load_transforms``.
 
     Returns:
         The ``TeacherCache`` holding every case.
@@ -296,7 +343,8 @@ def build_teacher_cache(
     if native:
         downsample = native
     teacher_sha = file_sha256(teacher_checkpoint)
-    key = cache_key(teacher_sha, preprocess, roi_size, overlap, downsample, native=bool(native))
+    body_crop = dict(body_crop) if body_crop is not None else body_crop_spec()
+    key = cache_key(teacher_sha, preprocess, roi_size, overlap, downsample, native=bool(native), body_crop=body_crop)
     directory = Path(cache_root) / key
     manifest_path = directory / "manifest.json"
     if manifest_path.is_file():
@@ -308,6 +356,7 @@ def build_teacher_cache(
             "teacher_checkpoint": str(teacher_checkpoint),
             "teacher_sha256": teacher_sha,
             "preprocess": dict(preprocess),
+            "body_crop": body_crop,
             "roi_size": [int(r) for r in roi_size],
             "overlap": float(overlap),
             "num_classes": int(num_classes),
@@ -318,7 +367,16 @@ def build_teacher_cache(
         write_json_atomic(manifest_path, manifest)
 
     cases = list(cases)
-    todo = [c for c in cases if c["case_id"] not in manifest["entries"]]
+    hashes = {str(c["case_id"]): case_image_sha256(c) for c in cases}  # each file once per build
+    todo = []
+    for c in cases:
+        entry = manifest["entries"].get(str(c["case_id"]))
+        if entry is None:
+            todo.append(c)
+        elif hashes[str(c["case_id"])] and entry.get("image_sha256") != hashes[str(c["case_id"])]:
+            if progress:
+                print(f"[cache] case {c['case_id']!r}: {c.get('image')} changed since it was cached; recomputing")
+            todo.append(c)
     if isinstance(teacher, torch.nn.Module):
         teacher.eval()
     for item in tqdm(todo, desc="teacher cache", disable=not progress or not todo, mininterval=5):
@@ -345,6 +403,8 @@ def build_teacher_cache(
             np.savez(tmp, logits=stored)
         manifest["entries"][case_id] = {
             "file": file_name,
+            "image": str(item["image"]) if isinstance(item.get("image"), (str, Path)) else None,
+            "image_sha256": hashes[case_id],
             "shape": grid,
             "stored_shape": [int(s) for s in stored.shape[1:]],
             **extra,
@@ -360,6 +420,17 @@ def build_teacher_cache(
     return TeacherCache(directory)
 
 
+def case_image_sha256(item: Mapping[str, Any]) -> str | None:
+    """sha256 of a case's image file: ``item[SOURCE_HASH_KEY]`` when given, else the file's; None when the
+    image is not a file on disk (an in-memory volume)."""
+    if item.get(SOURCE_HASH_KEY):
+        return str(item[SOURCE_HASH_KEY])
+    image = item.get("image")
+    if isinstance(image, (str, Path)) and Path(image).is_file():
+        return file_sha256(image)
+    return None
+
+
 class AttachTeacherd(MapTransform):
     """Add the cached teacher logits of a case under ``"teacher"`` (``K x X x Y x Z``, on the image grid).
 
@@ -367,26 +438,36 @@ class AttachTeacherd(MapTransform):
     under ``label``: the class-balanced crop sampler needs a label map to choose crop centres, and the
     teacher's is the best one there is. ``has_label`` stays false, so the KD loss never trains on it.
 
+    An entry whose image file has changed since it was cached is refused (``CacheError``): the files the
+    entries recorded are hashed once, here, when the transform is made (``check_images``), never per crop;
+    a case dict that carries ``SOURCE_HASH_KEY`` is also checked against its entry.
+
     Args:
         cache: the teacher cache.
         image_key: key of the preprocessed image ``1 x X x Y x Z``.
         teacher_key: key to write the logits under.
         label_key: key of the label map.
+        check_images: hash the entries' image files now and refuse the entries whose file changed.
     """
 
     def __init__(
-        self, cache: TeacherCache, image_key: str = "image", teacher_key: str = "teacher", label_key: str = "label"
+        self, cache: TeacherCache, image_key: str = "image", teacher_key: str = "teacher", label_key: str = "label",
+        check_images: bool = True,
     ) -> None:
         super().__init__(keys=[image_key])
         self.cache = cache
         self.image_key = image_key
         self.teacher_key = teacher_key
         self.label_key = label_key
+        self.stale = cache.stale_entries() if check_images else {}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         image = d[self.image_key]
-        teacher = self.cache.load(str(d["case_id"]), image.shape[1:])
+        case_id = str(d["case_id"])
+        if case_id in self.stale:
+            raise CacheError(self.stale[case_id])
+        teacher = self.cache.load(case_id, image.shape[1:], image_sha256=d.get(SOURCE_HASH_KEY))
         d[self.teacher_key] = teacher
         labelled = bool(d.get("has_label", self.label_key in d))
         if not labelled:

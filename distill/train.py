@@ -170,8 +170,13 @@ def train_student(
         if teacher_ckpt is None:
             raise DistillConfigError(f"lambda_kd={lambda_kd} in online mode needs teacher_ckpt")
         from teacher.checkpoint import load_teacher
+        from teacher.compat import check_teacher_fits
 
-        teacher, _ = load_teacher(teacher_ckpt, device=device)
+        teacher, teacher_meta = load_teacher(teacher_ckpt, device=device)
+        # teacher_ckpt may come from anywhere (a tuning study, mode_cost): it must fit this data (labels, ROI, spec).
+        tcfg = cfg.get("teacher", {})
+        check_teacher_fits(teacher_meta, data.labels, data.preprocess, tcfg.get("roi_size"),
+                           allow_preprocess_mismatch=tcfg.get("allow_preprocess_mismatch", False), source=teacher_ckpt)
         teacher.eval().requires_grad_(False)
 
     # Unlabelled cases can only be learnt from the teacher's cached targets: the KD term alone.
@@ -183,8 +188,11 @@ def train_student(
     val_cases = _preload(data.val, load_transforms(data.preprocess, keys=("image", "label")))
 
     extra_keys = ("teacher",) if cache is not None else ()
+    # With a teacher, crops carry the inside-the-volume mask: padding is left out of the KD term (data.transforms).
+    inside_key = "inside" if uses_teacher else None
     random_part = random_crop_transforms(
         roi_size, num_classes, keys=("image", "label"), extra_keys=extra_keys, num_samples=int(dcfg.get("crops_per_case", 1)),
+        inside_key=inside_key,
         flip_prob=dcfg.get("flip_prob", DEFAULT_FLIP_PROB),
         # A rotated crop with X != Y would change shape; such crops are flipped but not rotated.
         rotate_prob=dcfg.get("rotate_prob", DEFAULT_ROTATE_PROB) if roi_size[0] == roi_size[1] else 0.0,
@@ -209,7 +217,8 @@ def train_student(
         elif teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(image).float()
-        return kd_loss(student_logits.float(), teacher_logits, label, has_label)
+        kd_mask = as_plain_tensor(batch["inside"]).to(device, non_blocking=True) if inside_key else None
+        return kd_loss(student_logits.float(), teacher_logits, label, has_label, kd_mask)
 
     overlap = float(cfg.get("evaluation", {}).get("overlap", 0.25))
 

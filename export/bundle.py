@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data.atomic import write_json_atomic
+from data.transforms import body_crop_spec
 from deploy.bundle import FORMAT_VERSION, MANIFEST, file_sha256, load_bundle
 from deploy.runtime import cpu_supports_bf16
 from export.calibration import case_crops, dataset_crops
@@ -66,16 +67,6 @@ def _dataset_of(meta: dict) -> Path | None:
         if isinstance(candidate, (str, Path)) and (Path(candidate) / "dataset.json").is_file():
             return Path(candidate)
     return None
-
-
-def body_crop_spec() -> dict[str, float | int]:
-    """The body crop of the training preprocessing (``data.transforms``), for the runtime to repeat."""
-    import inspect
-
-    from data.transforms import BODY_THRESHOLD_HU, load_transforms
-
-    margin = inspect.signature(load_transforms).parameters["crop_margin"].default
-    return {"threshold_hu": float(BODY_THRESHOLD_HU), "margin": int(margin)}
 
 
 def library_versions() -> dict[str, str]:

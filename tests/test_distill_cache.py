@@ -224,3 +224,160 @@ def test_sam_med3d_cache_restores_what_the_teacher_predicts_in_one_window(tmp_pa
     assert cache.entries["c"]["stored_shape"] == [16, 16, 16] and cache.entries["c"]["native_offset"] == [2, 0, 5]
     exact = torch.as_tensor(predict_logits(teacher, torch.from_numpy(volume), [32, 32, 32], K))
     torch.testing.assert_close(cache.load("c", [27, 32, 21]), exact, atol=5e-3, rtol=1e-2)
+
+
+# -- a changed image or body crop never serves stale targets -------------------------------------------------------
+
+def write_image(path, volume):
+    """A NIfTI image at the spacing of SPEC (no resampling); ``volume`` is ``1 x X x Y x Z`` HU."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(volume[0].astype(np.float32), np.diag([4.0, 4.0, 4.0, 1.0])), str(path))
+    return path
+
+
+def edit_one_voxel(path, index=(14, 12, 10), delta=300.0):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32).copy()
+    data[index] += delta
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))
+
+
+def nifti_cases(tmp_path, n=3):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return [{"case_id": f"case_{i}", "image": str(write_image(folder / f"case_{i}.nii.gz", smooth_volume(i)))}
+            for i in range(n)]
+
+
+def build_files(tmp_path, teacher, ckpt, cases):
+    from data.transforms import load_transforms
+
+    return build_teacher_cache(teacher, cases, load_transforms(SPEC, keys=("image",)), tmp_path / "cache", ckpt, SPEC,
+                               ROI, K, overlap=0.25, downsample=2, progress=False)
+
+
+def test_an_edited_image_is_recomputed_at_the_next_build_and_the_other_entries_are_not(tmp_path):
+    teacher = SmoothTeacher()
+    ckpt = write_checkpoint(tmp_path / "teacher.pt", teacher)
+    cases = nifti_cases(tmp_path)
+    first = build_files(tmp_path, teacher, ckpt, cases)
+    before = json.loads(json.dumps(first.entries))
+    old_logits = {c["case_id"]: first.load(c["case_id"]) for c in cases}
+    mtimes = {c["case_id"]: (first.directory / before[c["case_id"]]["file"]).stat().st_mtime_ns for c in cases}
+    calls_per_case = teacher.calls // len(cases)
+
+    edit_one_voxel(cases[1]["image"])
+    second = build_files(tmp_path, teacher, ckpt, cases)
+    assert second.directory == first.directory  # same teacher, spec and crop: same folder, one entry redone
+    assert teacher.calls == (len(cases) + 1) * calls_per_case
+    assert not torch.allclose(second.load("case_1"), old_logits["case_1"])
+    after = second.entries
+    for case in cases:
+        assert before[case["case_id"]]["image"] == case["image"]
+    assert before["case_0"]["image_sha256"] == file_sha256(cases[0]["image"])
+    assert after["case_1"]["image_sha256"] == file_sha256(cases[1]["image"]) != before["case_1"]["image_sha256"]
+    for cid in ("case_0", "case_2"):
+        assert after[cid] == before[cid]
+        assert (second.directory / after[cid]["file"]).stat().st_mtime_ns == mtimes[cid]
+        assert torch.equal(second.load(cid), old_logits[cid])
+    # A third build finds everything current.
+    build_files(tmp_path, teacher, ckpt, cases)
+    assert teacher.calls == (len(cases) + 1) * calls_per_case
+
+
+def test_an_entry_whose_image_changed_is_refused_when_attached_or_loaded_with_the_new_hash(tmp_path):
+    teacher = SmoothTeacher()
+    cases = nifti_cases(tmp_path, n=2)
+    cache = build_files(tmp_path, teacher, write_checkpoint(tmp_path / "teacher.pt", teacher), cases)
+    recorded = cache.entries["case_0"]["image_sha256"]
+    cache.load("case_0", image_sha256=recorded)  # the same file: fine
+    assert AttachTeacherd(cache).stale == {}
+
+    edit_one_voxel(cases[0]["image"])
+    with pytest.raises(CacheError, match="'case_0'.*image changed"):
+        cache.load("case_0", image_sha256=file_sha256(cases[0]["image"]))
+    assert set(cache.stale_entries()) == {"case_0"} == set(cache.stale_entries(cases))
+    attach = AttachTeacherd(cache)  # hashes each entry's file once, here
+    image = torch.zeros(1, *cache.entries["case_1"]["shape"])
+    assert attach({"case_id": "case_1", "image": image})["teacher"].shape == (K, *cache.entries["case_1"]["shape"])
+    with pytest.raises(CacheError, match=f"'case_0'.*{cases[0]['image']}.*image changed"):
+        attach({"case_id": "case_0", "image": image})
+    # Rebuilding brings the entry up to date again.
+    rebuilt = build_files(tmp_path, teacher, write_checkpoint(tmp_path / "teacher.pt", teacher), cases)
+    assert AttachTeacherd(rebuilt).stale == {}
+
+
+def test_the_body_crop_constants_key_the_cache(tmp_path, monkeypatch):
+    from data import transforms
+
+    sha = "0" * 64
+    base = cache_key(sha, SPEC, ROI, 0.25)
+    monkeypatch.setattr(transforms, "BODY_THRESHOLD_HU", transforms.BODY_THRESHOLD_HU + 100.0)
+    assert cache_key(sha, SPEC, ROI, 0.25) != base
+    monkeypatch.undo()
+    assert cache_key(sha, SPEC, ROI, 0.25) == base
+    assert base == cache_key(sha, SPEC, ROI, 0.25, body_crop={"threshold_hu": transforms.BODY_THRESHOLD_HU,
+                                                               "margin": transforms.BODY_CROP_MARGIN})
+    monkeypatch.setattr(transforms, "BODY_CROP_MARGIN", transforms.BODY_CROP_MARGIN + 2)
+    assert cache_key(sha, SPEC, ROI, 0.25) != base
+    monkeypatch.undo()
+
+    # A build under another threshold lands in another folder, and records the crop it used.
+    teacher = SmoothTeacher()
+    ckpt = write_checkpoint(tmp_path / "teacher.pt", teacher)
+    volumes = {"a": smooth_volume(0)}
+    first = build(tmp_path, teacher, ckpt, volumes)
+    assert first.manifest["body_crop"] == {"threshold_hu": transforms.BODY_THRESHOLD_HU,
+                                           "margin": transforms.BODY_CROP_MARGIN}
+    monkeypatch.setattr(transforms, "BODY_THRESHOLD_HU", -300.0)
+    second = build(tmp_path, teacher, ckpt, volumes)
+    assert second.directory != first.directory and second.manifest["body_crop"]["threshold_hu"] == -300.0
+
+
+@pytest.mark.slow
+def test_the_pipeline_cache_stage_reruns_when_an_image_changes(phantom_dataset, tmp_path):
+    """distill.stages skips a stage whose inputs hash is unchanged: the cache stage's inputs must see image bytes."""
+    import shutil
+
+    from configs import load_config
+    from distill.pipeline import Pipeline
+    from tests.test_teacher_compat import write_teacher
+
+    from data.dataset import load_dataset
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(phantom_dataset, dataset)  # the session's phantoms stay untouched
+    teacher = write_teacher(tmp_path / "teacher.pt", load_dataset(dataset).labels)
+    cfg = load_config("demo", [f"data.source={dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
+                               "teacher.roi_size=[32, 32, 32]", f"teacher.checkpoint_file={teacher}"])
+    run_dir = tmp_path / "run"
+
+    def cache_stage():
+        lines = []
+        pipe = Pipeline(cfg, out_dir=run_dir, log=lines.append)
+        pipe.stage_data()
+        directory = pipe.stage_cache(pipe.stage_teacher())
+        return pipe, TeacherCache(directory), lines
+
+    pipe, first, _ = cache_stage()
+    case = pipe.data.train[0]
+    before = dict(first.entries[case["case_id"]])
+    old = first.load(case["case_id"])
+
+    _, again, lines = cache_stage()
+    assert any(line.startswith("[cache] up to date") for line in lines)
+
+    import nibabel as nib
+
+    img = nib.load(case["image"])
+    data = np.asarray(img.dataobj).copy()
+    data[tuple(s // 2 for s in data.shape)] += 400
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), case["image"])
+    _, third, lines = cache_stage()
+    assert not any(line.startswith("[cache] up to date") for line in lines)
+    assert not torch.allclose(third.load(case["case_id"]), old)
+    entry = third.entries[case["case_id"]]
+    assert entry["image_sha256"] == file_sha256(case["image"]) != before["image_sha256"]
