@@ -4,7 +4,10 @@
     Segmenter("bundle/", runtime="openvino", precision="int8", threads=2).segment_file("ct.nii.gz", "mask.nii.gz")
 """
 from deploy.bundle import file_sha256, load_bundle
-from deploy.errors import BundleError, DeployError, InputVolumeError, RuntimeChoiceError
+from deploy.errors import (BundleError, DeployError, ImplausibleInputError, ImplausibleInputWarning, InputVolumeError,
+                           RuntimeChoiceError)
+from deploy.plausibility import Assessment, assess_ct
 from deploy.segmenter import Segmenter
 
-__all__ = ["BundleError", "DeployError", "InputVolumeError", "RuntimeChoiceError", "Segmenter", "file_sha256", "load_bundle"]
+__all__ = ["Assessment", "BundleError", "DeployError", "ImplausibleInputError", "ImplausibleInputWarning",
+           "InputVolumeError", "RuntimeChoiceError", "Segmenter", "assess_ct", "file_sha256", "load_bundle"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,10 @@ import numpy as np
 
 from deploy.body_crop import body_box, paste_logits
 from deploy.bundle import load_bundle
-from deploy.errors import BundleError, DeployError
+from deploy.errors import BundleError, DeployError, ImplausibleInputError, ImplausibleInputWarning
 from deploy.geometry import labels_to_source, logits_to_source, to_model_grid
 from deploy.intensity import apply_intensity, check_intensity
+from deploy.plausibility import BODY_THRESHOLD_HU, Assessment, assess_ct
 from deploy.runtime import ModelSession
 from deploy.sliding_window import sliding_window_logits
 from deploy.volume_io import check_volume, read_volume, write_mask
@@ -25,6 +27,11 @@ class Segmenter:
     says so, as the training preprocessing does), clip and scale intensities,
     Gaussian-weighted sliding window at the bundle's ROI, logits resampled linearly back to the input's
     grid, argmax, orientation undone.
+
+    Before any of that, every volume is judged (``deploy.plausibility``: HU, a body, enough extent for the
+    ROI, orientation): one that does not look like the CT the model was trained for raises
+    ``ImplausibleInputError`` naming the file and the reasons, unless ``force=True``; warnings (and forced
+    refusals) go out as ``ImplausibleInputWarning`` and stay in ``last_check`` (an ``Assessment``).
 
     Args:
         bundle_dir: a folder written by ``export.build_bundle``; its checksums are verified.
@@ -88,6 +95,7 @@ class Segmenter:
         if not 0.0 <= self.overlap < 1.0:
             raise DeployError(f"overlap must be in [0, 1), got {self.overlap}")
         self.roi_size = self.bundle["roi_size"]
+        self.last_check: Assessment | None = None
         self.num_classes = self.bundle["num_classes"]
         self.labels = self.bundle["labels"]
         crop = self.bundle.get("crop_foreground")
@@ -96,18 +104,51 @@ class Segmenter:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{manifest}: crop_foreground must hold threshold_hu and margin, got {crop!r}") from exc
 
-    def predict_logits(self, image: np.ndarray, affine: np.ndarray, source: str = "input") -> tuple[np.ndarray, Any]:
+    def check(self, image: np.ndarray, affine: np.ndarray, source: str = "input", force: bool = False) -> Assessment:
+        """Judge a volume against this bundle (HU, body, extent against the ROI, orientation) without segmenting.
+
+        Args:
+            image: ``X x Y x Z`` voxels (HU) in the file's own axis order.
+            affine: its 4x4 affine.
+            source: names the input in messages.
+            force: refusals become warnings.
+
+        Returns:
+            the :class:`deploy.plausibility.Assessment` (raises only for structurally bad input).
+        """
+        image = check_volume(image, affine, source)
+        return self._assess(image, affine, source, force)
+
+    def _assess(self, image: np.ndarray, affine: np.ndarray, source: str, force: bool) -> Assessment:
+        threshold = self.crop[0] if self.crop else BODY_THRESHOLD_HU
+        return assess_ct(image, affine, source, spacing_mm=self.spacing_mm, roi_size=self.roi_size,
+                         axcodes=self.axcodes, body_threshold_hu=threshold, force=force)
+
+    def _judge(self, image: np.ndarray, affine: np.ndarray, source: str, force: bool) -> None:
+        self.last_check = assessment = self._assess(image, affine, source, force)
+        if assessment.refused:
+            raise ImplausibleInputError(assessment.refusal_message(), assessment)
+        for message in assessment.warning_messages():
+            warnings.warn(message, ImplausibleInputWarning, stacklevel=4)
+
+    def predict_logits(self, image: np.ndarray, affine: np.ndarray, source: str = "input",
+                       force: bool = False) -> tuple[np.ndarray, Any]:
         """Model-grid logits of a volume.
 
         Args:
             image: ``X x Y x Z`` voxels (HU) in the file's own axis order.
             affine: its 4x4 affine.
             source: names the input in error messages.
+            force: segment a volume the input checks refuse (with an ``ImplausibleInputWarning``).
 
         Returns:
             ``(K x X' x Y' x Z' logits on the model grid, Geometry to map them back)``.
+
+        Raises:
+            InputVolumeError: not a usable 3D volume; ``ImplausibleInputError`` (a subclass): not a plausible CT.
         """
         image = check_volume(image, affine, source)
+        self._judge(image, affine, source, force)
         resampled, geometry = to_model_grid(image, affine, self.spacing_mm, self.axcodes)
         box = body_box(resampled, *self.crop) if self.crop else tuple(slice(0, s) for s in resampled.shape)
         model_input = apply_intensity(resampled[box], self.intensity)[None]
@@ -117,17 +158,18 @@ class Segmenter:
             logits = paste_logits(logits, box, resampled.shape)
         return logits, geometry
 
-    def segment(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    def segment(self, image: np.ndarray, affine: np.ndarray, force: bool = False) -> np.ndarray:
         """Label map of a volume, aligned voxel for voxel with ``image``.
 
         Args:
             image: ``X x Y x Z`` voxels (HU; any integer or float type) in the file's axis order.
             affine: its 4x4 voxel-to-world affine (any axis-permuted/flipped orientation).
+            force: segment a volume the input checks refuse (see :meth:`predict_logits`).
 
         Returns:
             ``X x Y x Z`` class indices (uint8, int16 beyond 256 classes).
         """
-        logits, geometry = self.predict_logits(image, affine)
+        logits, geometry = self.predict_logits(image, affine, force=force)
         return self._to_source(logits, geometry).astype(np.uint8 if self.num_classes <= 256 else np.int16)
 
     def _to_source(self, logits: np.ndarray, geometry) -> np.ndarray:
@@ -135,19 +177,21 @@ class Segmenter:
             return labels_to_source(np.argmax(logits, axis=0).astype(np.uint8 if self.num_classes <= 256 else np.int16), geometry)
         return logits_to_source(logits, geometry)
 
-    def segment_file(self, in_path: str | Path, out_path: str | Path, overlay: str | Path | None = None) -> np.ndarray:
+    def segment_file(self, in_path: str | Path, out_path: str | Path, overlay: str | Path | None = None,
+                     force: bool = False) -> np.ndarray:
         """Segment a NIfTI and write the mask with the input's exact affine and shape (atomically).
 
         Args:
             in_path: CT NIfTI (``.nii``/``.nii.gz``).
-            out_path: mask destination.
+            out_path: mask destination (nothing is written when the input is refused).
             overlay: optional PNG with a few axial slices (needs matplotlib).
+            force: segment a volume the input checks refuse (see :meth:`predict_logits`).
 
         Returns:
             the label map that was written.
         """
         image, affine, reference = read_volume(in_path)
-        logits, geometry = self.predict_logits(image, affine, str(in_path))
+        logits, geometry = self.predict_logits(image, affine, str(in_path), force=force)
         labels = self._to_source(logits, geometry)
         write_mask(out_path, labels, reference, self.num_classes)
         if overlay is not None:

@@ -1,7 +1,9 @@
 """Reading a CT NIfTI for segmentation (with the checks an edge device needs) and writing the mask."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -10,10 +12,77 @@ from data.atomic import atomic_path
 from deploy.errors import InputVolumeError
 
 
+NIFTI_TYPES = (nib.Nifti1Image, nib.Nifti2Image)
+# Well-conditioned enough to invert: the smallest singular value of the affine's 3x3 part over the largest.
+MIN_AFFINE_CONDITION = 1e-6
+
+
+def spatial_dims(shape: Sequence[int], source: str = "input") -> tuple[int, int, int]:
+    """The 3D shape of a volume: ``X x Y x Z``, or ``X x Y x Z x 1`` (one volume of a NIfTI series).
+
+    The one rule for training (``data.checks``) and deploy: MONAI's loader makes the same two channel-first,
+    and nothing else (a 5th axis, several volumes, a 2D slice) is a single CT volume.
+
+    Raises:
+        InputVolumeError: empty (an axis of size 0), or not one 3D volume.
+    """
+    shape = tuple(int(v) for v in shape)
+    if 0 in shape:
+        raise InputVolumeError(f"{source}: empty volume (shape {shape})")
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    if len(shape) == 4 and shape[3] == 1:
+        return shape[:3]  # type: ignore[return-value]
+    extra = "" if len(shape) < 4 else " (several volumes or a 5th axis: only one 3D CT volume is read)"
+    raise InputVolumeError(f"{source}: image is {len(shape)}D with shape {shape}; expected a 3D volume "
+                           f"(X x Y x Z, or X x Y x Z x 1){extra}")
+
+
+def check_geometry(shape: Sequence[int], dtype: Any, affine: np.ndarray, source: str = "input") -> tuple[int, int, int]:
+    """Header-level checks shared by training and deploy: one 3D volume, numeric voxels, a usable affine.
+
+    Args:
+        shape: the array's (or header's) shape.
+        dtype: the voxel type (on disk for a file).
+        affine: the 4x4 voxel-to-world affine.
+        source: names the file in error messages.
+
+    Returns:
+        the spatial shape ``(X, Y, Z)``.
+
+    Raises:
+        InputVolumeError: naming ``source`` and the problem.
+    """
+    spatial = spatial_dims(shape, source)
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InputVolumeError(f"{source}: voxel type {dtype} is not a real number type (complex, RGB or boolean "
+                               f"voxels are not CT intensities)")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise InputVolumeError(f"{source}: affine is not a finite 4x4 matrix (NaN or infinite spacing, direction or "
+                               f"origin in the header)")
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if not singular[-1] > MIN_AFFINE_CONDITION * singular[0]:
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        raise InputVolumeError(f"{source}: affine is not invertible (voxel spacing {np.round(spacing, 4).tolist()} mm, "
+                               f"singular values {np.round(singular, 6).tolist()}): zero spacing or two axes along "
+                               f"the same direction")
+    return spatial
+
+
+def check_voxels(image: np.ndarray, source: str = "input") -> None:
+    """Refuse NaN or infinite intensities (after conversion to float32, as both training and deploy read)."""
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise InputVolumeError(f"{source}: {int(finite.size - np.count_nonzero(finite))} non-finite intensity values "
+                               f"(NaN or inf)")
+
+
 def check_volume(image: np.ndarray, affine: np.ndarray, source: str = "input") -> np.ndarray:
     """Refuse what cannot be segmented; return a 3D float32 view of ``image``.
 
-    Accepts ``X x Y x Z`` or ``X x Y x Z x 1`` of any integer or float type.
+    Accepts ``X x Y x Z`` or ``X x Y x Z x 1`` of any integer or float type (:func:`check_geometry`).
 
     Args:
         image: the voxel array.
@@ -21,21 +90,21 @@ def check_volume(image: np.ndarray, affine: np.ndarray, source: str = "input") -
         source: names the file in error messages.
     """
     image = np.asarray(image)
-    if image.size == 0:
-        raise InputVolumeError(f"{source}: empty volume (shape {image.shape})")
-    if image.ndim == 4 and image.shape[3] == 1:
-        image = image[..., 0]
-    if image.ndim != 3:
-        raise InputVolumeError(f"{source}: expected a 3D volume, got shape {image.shape}")
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise InputVolumeError(f"{source}: voxel type {image.dtype} is not a number type")
-    image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        raise InputVolumeError(f"{source}: {int((~np.isfinite(image)).sum())} voxels are NaN or infinite")
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputVolumeError(f"{source}: affine is not an invertible finite 4x4 matrix")
+    shape = check_geometry(image.shape, image.dtype, affine, source)
+    image = image.reshape(shape).astype(np.float32, copy=False)
+    check_voxels(image, source)
     return image
+
+
+def check_header(img: Any, source: str) -> tuple[int, int, int]:
+    """The header checks of a loaded (lazy) nibabel image: a NIfTI, then :func:`check_geometry`.
+
+    Returns:
+        the spatial shape ``(X, Y, Z)``.
+    """
+    if not isinstance(img, NIFTI_TYPES):
+        raise InputVolumeError(f"{source}: not a NIfTI image ({type(img).__name__}); NIfTI-1/2 (.nii, .nii.gz) is read")
+    return check_geometry(img.shape, img.get_data_dtype(), img.affine, source)
 
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
@@ -49,12 +118,22 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Ima
         raise InputVolumeError(f"{path}: no such file")
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several unrelated types for files it cannot read
         raise InputVolumeError(f"{path}: not a readable NIfTI ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputVolumeError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    check_header(img, str(path))
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # truncated or corrupt voxel data behind a valid header
+        raise InputVolumeError(f"{path}: not a readable NIfTI ({type(exc).__name__}: {exc})") from exc
     return check_volume(data, img.affine, str(path)), np.asarray(img.affine, dtype=np.float64), img
+
+
+def write_json_report(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write a JSON report (``deploy.infer --report``) atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
 
 
 def label_dtype(num_classes: int) -> type:

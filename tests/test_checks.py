@@ -18,9 +18,15 @@ def save(path, array, affine=AFFINE):
     return path
 
 
-def good_case(tmp_path, name="case"):
+def ct_image():
+    """A tiny plausible CT: air around a block of soft tissue (HU)."""
     image = np.full((12, 10, 6), -1000, dtype=np.int16)
     image[2:10, 2:8, 1:5] = 50
+    return image
+
+
+def good_case(tmp_path, name="case"):
+    image = ct_image()
     label = np.zeros((12, 10, 6), dtype=np.uint8)
     label[3:6, 3:6, 2:4] = 1
     label[7:9, 3:6, 2:4] = 2
@@ -79,8 +85,10 @@ def test_4d_image_is_refused_unless_singleton(tmp_path):
     series = save(tmp_path / "series.nii.gz", np.zeros((12, 10, 6, 3), dtype=np.int16))
     with pytest.raises(DataError, match=r"series\.nii\.gz: image is 4D"):
         check_image(series)
-    single = np.full((12, 10, 6, 1), 40, dtype=np.int16)
-    assert check_image(save(tmp_path / "single.nii.gz", single))["shape"] == (12, 10, 6)
+    # One volume of a NIfTI series is 3D; a 5th axis is not (MONAI would load it as 4 spatial axes).
+    assert check_image(save(tmp_path / "single.nii.gz", ct_image()[..., None]))["shape"] == (12, 10, 6)
+    with pytest.raises(DataError, match=r"five\.nii\.gz: image is 5D"):
+        check_image(save(tmp_path / "five.nii.gz", ct_image()[..., None, None]))
 
 
 def test_non_finite_intensities(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from deploy import BundleError, InputVolumeError, RuntimeChoiceError, Segmenter, load_bundle
+from deploy import BundleError, ImplausibleInputWarning, InputVolumeError, RuntimeChoiceError, Segmenter, load_bundle
 from deploy.geometry import to_model_grid
 from deploy.sliding_window import gaussian_importance_map, sliding_window_logits
 
@@ -131,9 +131,12 @@ def test_mask_has_the_input_affine_and_shape_for_ras_and_lps_inputs(student_bund
 
 def test_volume_smaller_than_the_roi_is_padded(student_bundle):
     bundle, _ = student_bundle
-    small = np.full((20, 16, 6), -800, np.int16)
-    small[5:15, 4:12, 1:5] = 60
-    mask = Segmenter(bundle, "openvino", "fp32").segment(small, np.diag([3.0, 3.0, 5.0, 1.0]))
+    # 72 x 60 x 45 mm against the 128 mm window: smaller than the ROI on every axis of the model grid (18 x 15 x
+    # 11 voxels), large enough to be segmented; under half the window on two axes, which the input check says.
+    small = np.full((24, 20, 9), -800, np.int16)
+    small[5:19, 4:16, 2:7] = 60
+    with pytest.warns(ImplausibleInputWarning, match="small field of view"):
+        mask = Segmenter(bundle, "openvino", "fp32").segment(small, np.diag([3.0, 3.0, 5.0, 1.0]))
     assert mask.shape == small.shape
 
 
