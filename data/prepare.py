@@ -8,6 +8,7 @@ evaluation stage and the benchmark's Dice column, and by nothing else.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +32,8 @@ class PreparedData:
         val: held-out labelled cases that choose checkpoints, λ and INT8 settings, same form.
         test: held-out labelled cases scored once, for the report, same form.
         unlabelled: cases without a label ``{"case_id", "image"}`` (e.g. ``imagesTs``).
+        warnings: what the checks warned about (skipped cases, unusual but usable images); the report
+            carries them.
     """
 
     root: str
@@ -40,6 +43,7 @@ class PreparedData:
     val: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
     unlabelled: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +93,7 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     Returns:
         The prepared data, also saved to ``data_dir/data.json``.
     """
-    from data.checks import check_dataset
+    from data.checks import BadCaseWarning, PlausibilityWarning, check_dataset
     from data.dataset import load_dataset, make_split
     from data.stats import compute_intensity_stats, compute_zscore_stats, preprocess_spec
 
@@ -117,7 +121,17 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
             raise DataStageError(f"data.source={source!r}: not a folder (use 'phantoms' or a dataset folder)")
 
     dataset = load_dataset(root)
-    checked = check_dataset(dataset, skip_bad=bool(dcfg.get("skip_bad_cases", False)))
+    # The runtime's plausibility judgement (deploy/plausibility.py) applies to every case, against the student's
+    # window at the run's spacing; data.force_implausible keeps refused images (with a warning) for unusual CT.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checked = check_dataset(dataset, skip_bad=bool(dcfg.get("skip_bad_cases", False)),
+                                force=bool(dcfg.get("force_implausible", False)),
+                                spacing_mm=cfg["preprocess"].get("spacing_mm"),
+                                roi_size=(cfg.get("student") or {}).get("roi_size"))
+    noted = [str(w.message) for w in caught if issubclass(w.category, (BadCaseWarning, PlausibilityWarning))]
+    for w in caught:  # shown as they would have been, and kept for the report
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if checked is not None:  # check_dataset returns the dataset without the skipped cases
         dataset = checked
     test_fraction = float(dcfg.get("test_fraction", 0.0))
@@ -142,7 +156,7 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     spec = preprocess_spec(cfg["preprocess"], stats)
     labels = {int(k): str(v) for k, v in dataset.labels.items()}
     prepared = PreparedData(root=str(Path(root).resolve()), labels=labels, preprocess=spec, train=train, val=val,
-                            test=test, unlabelled=unlabelled)
+                            test=test, unlabelled=unlabelled, warnings=noted)
     prepared.save(data_dir / "data.json")
     if progress:
         print(f"[data] {len(train)} training, {len(val)} validation, {len(test)} test, {len(unlabelled)} unlabelled cases; "

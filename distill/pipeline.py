@@ -89,7 +89,8 @@ class Pipeline:
         def body(directory: Path) -> tuple[dict[str, str], dict]:
             prepared = prepare_data(self.cfg, directory)
             return {"data": str(directory / "data.json")}, {
-                "train": len(prepared.train), "val": len(prepared.val), "unlabelled": len(prepared.unlabelled)}
+                "train": len(prepared.train), "val": len(prepared.val), "test": len(prepared.test),
+                "unlabelled": len(prepared.unlabelled), "warnings": list(prepared.warnings)}
 
         record = self._stage("data", self.run_dir / "data", inputs, body)
         self.data = PreparedData.load(record.artifacts["data"])
@@ -97,24 +98,40 @@ class Pipeline:
 
     # -- teacher ------------------------------------------------------------------------------------------
     def stage_teacher(self) -> Path:
-        """Load ``teacher.checkpoint_file`` when given, else train the teacher (``teacher.train``)."""
+        """Load ``teacher.checkpoint_file`` when given, else train the teacher (``teacher.train``).
+
+        A given teacher must fit the prepared data (``teacher.compat.check_teacher_fits``): the same labels
+        (ids and names) and class count, ROI (``teacher.roi_size``) and preprocessing spec; only a
+        preprocessing mismatch may be let through, by ``teacher.allow_preprocess_mismatch: true``, and is
+        then warned about on every run (also when the stage is up to date).
+        """
         data = self._need_data()
         given = self.cfg["teacher"].get("checkpoint_file")
+        allow = self.cfg["teacher"].get("allow_preprocess_mismatch", False)
         if given:
             path = Path(str(given)).expanduser().resolve()
             if not path.is_file():
                 raise PipelineError(f"teacher.checkpoint_file={given!r}: file not found")
-            inputs = {"checkpoint_file": str(path), "mtime": path.stat().st_mtime, "size": path.stat().st_size}
+            # The data and the settings the check compares against are inputs too: new data re-checks the teacher.
+            inputs = {"checkpoint_file": str(path), "mtime": path.stat().st_mtime, "size": path.stat().st_size,
+                      "data": self.records["data"].artifact_hashes["data"],
+                      "roi_size": self.cfg["teacher"].get("roi_size"), "allow_preprocess_mismatch": allow}
 
             def body(directory: Path) -> tuple[dict[str, str], dict]:
                 from teacher.checkpoint import load_teacher
+                from teacher.compat import TeacherMismatchError, check_teacher_fits
 
                 _, meta = load_teacher(path)
-                if int(meta["num_classes"]) != data.num_classes:
-                    raise PipelineError(f"{path}: teacher has {meta['num_classes']} classes, the data {data.num_classes}")
-                return {"teacher": str(path)}, {"source": "checkpoint_file"}
+                try:
+                    allowed = check_teacher_fits(meta, data.labels, data.preprocess, self.cfg["teacher"].get("roi_size"),
+                                                 allow_preprocess_mismatch=allow, source=path)
+                except TeacherMismatchError as exc:
+                    raise PipelineError(str(exc)) from exc
+                return {"teacher": str(path)}, {"source": "checkpoint_file", "preprocess_mismatch": allowed}
         else:
-            inputs = {"teacher": {k: v for k, v in self.cfg["teacher"].items() if k != "checkpoint_file"},
+            # allow_preprocess_mismatch concerns a given teacher only: it never retrains one.
+            inputs = {"teacher": {k: v for k, v in self.cfg["teacher"].items()
+                                  if k not in ("checkpoint_file", "allow_preprocess_mismatch")},
                       "data": self.records["data"].artifact_hashes["data"], "seed": self.cfg["run"].get("seed", 0)}
 
             def body(directory: Path) -> tuple[dict[str, str], dict]:
@@ -130,27 +147,42 @@ class Pipeline:
                 return {"teacher": str(ckpt)}, {"source": "trained", "best_dice": float(getattr(result, "best_metric", float("nan")))}
 
         record = self._stage("teacher", self.run_dir / "teacher", inputs, body, all_ranks=not given)
+        for line in record.info.get("preprocess_mismatch") or []:
+            self.log(f"[teacher] WARNING: teacher.allow_preprocess_mismatch=true lets {record.artifacts['teacher']} "
+                     f"teach with another preprocessing: {line}")
         return Path(record.artifacts["teacher"])
 
     # -- teacher cache ------------------------------------------------------------------------------------
     def stage_cache(self, teacher_ckpt: Path) -> Path:
-        """Teacher logits for every training case (labelled and unlabelled), stored once."""
-        from distill.cache import build_teacher_cache, cache_key, file_sha256
+        """Teacher logits for every training case (labelled and unlabelled), stored once.
+
+        The inputs hold the sha256 of every case's image file (hashed once per run, and handed to the build
+        so it does not hash them again): an edited image reruns the stage instead of skipping it as up to date
+        (``distill.stages`` clears the folder of a stage whose inputs changed, so the cache is then rebuilt).
+        """
+        from distill.cache import SOURCE_HASH_KEY, build_teacher_cache, cache_key, file_sha256
 
         data = self._need_data()
         dcfg = self.cfg["distill"]
         roi = [int(s) for s in self.cfg["teacher"]["roi_size"]]
         overlap = float(self.cfg["evaluation"].get("overlap", 0.25))
         downsample = int(dcfg.get("cache_downsample", 2))
-        key = cache_key(file_sha256(teacher_ckpt), data.preprocess, roi, overlap, downsample)
-        cases = data.train + data.unlabelled
-        inputs = {"key": key, "cases": sorted(c["case_id"] for c in cases)}
+        key = cache_key(file_sha256(teacher_ckpt), data.preprocess, roi, overlap, downsample)  # + the body crop
+        cases = [{**c, SOURCE_HASH_KEY: file_sha256(c["image"])} for c in data.train + data.unlabelled]
+        inputs = {"key": key, "cases": sorted(c["case_id"] for c in cases),
+                  "images": {c["case_id"]: c[SOURCE_HASH_KEY] for c in cases}}
 
         def body(directory: Path) -> tuple[dict[str, str], dict]:
             from data.transforms import load_transforms
             from teacher.checkpoint import load_teacher
+            from teacher.compat import TeacherMismatchError, check_teacher_fits
 
-            teacher, _ = load_teacher(teacher_ckpt, device=self.device)
+            teacher, meta = load_teacher(teacher_ckpt, device=self.device)
+            try:  # whoever passed teacher_ckpt, it must fit the data it is about to label
+                check_teacher_fits(meta, data.labels, data.preprocess, roi, source=teacher_ckpt,
+                                   allow_preprocess_mismatch=self.cfg["teacher"].get("allow_preprocess_mismatch", False))
+            except TeacherMismatchError as exc:
+                raise PipelineError(str(exc)) from exc
             load_labelled = load_transforms(data.preprocess, keys=("image",))
             cache = build_teacher_cache(teacher, cases, load_labelled, directory, teacher_ckpt, data.preprocess,
                                         roi, data.num_classes, overlap=overlap, downsample=downsample, device=self.device)
@@ -295,7 +327,7 @@ class Pipeline:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def stage_evaluation(self, teacher_ckpt: Path | None, students: list[StudentResult]) -> dict:
-        """Teacher and every student on the same held-out validation cases: per-class Dice, NSD, HD95."""
+        """Teacher and every student on the same test cases (scored once, here): per-class Dice, NSD, HD95."""
         from distill.evaluate import evaluate_models
 
         data = self._need_data()
@@ -338,8 +370,11 @@ class Pipeline:
             inputs = {"student": self._hash_of(s.checkpoint), "export": ecfg}
 
             def body(directory: Path, s: StudentResult = s) -> tuple[dict[str, str], dict]:
-                # Calibration and parity crops come from the dataset through the training preprocessing.
-                bundle = build_bundle(s.checkpoint, directory / "bundle", calibration=data.root,
+                # Calibration crops come from training cases only, the INT8 accuracy check from validation cases
+                # (it chooses the INT8 settings), both through the training preprocessing; the test cases stay
+                # unseen until the benchmark scores them.
+                bundle = build_bundle(s.checkpoint, directory / "bundle", calibration=data.train,
+                                      validation=data.val,
                                       int8=bool(ecfg.get("int8", True)), max_dice_drop=float(ecfg.get("max_dice_drop", 0.01)),
                                       calibration_crops=int(ecfg.get("calibration_crops", 8)),
                                       max_restore_iterations=ecfg.get("max_restore_iterations"),

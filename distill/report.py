@@ -57,11 +57,13 @@ def build_report(
     }
     data_info = records["data"].info if "data" in records else {}
     splits = {k: int(data_info[k]) for k in ("train", "val", "test", "unlabelled") if k in data_info}
+    data_warnings = list(data_info.get("warnings") or [])
     return {
         "run": str(cfg["run"]["name"]),
         "run_dir": str(run_dir),
         "wall_seconds": round(float(wall_seconds), 1),
         "splits": splits,
+        "data_warnings": data_warnings,
         "models": models,
         # best_dice of a student is its best validation Dice: the figure that chose its checkpoint.
         "students": [{**{k: v for k, v in s.to_dict().items() if k != "history"}, "best_dice_split": "val",
@@ -89,6 +91,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines += ["Cases: " + ", ".join(f"{splits[k]} {name}" for k, name in (
             ("train", "training"), ("val", "validation (chooses checkpoints, λ, INT8)"),
             ("test", "test (scored once, below)"), ("unlabelled", "unlabelled")) if k in splits), ""]
+    if report.get("data_warnings"):
+        lines += ["## Input warnings (data stage)", "", *[f"- {w}" for w in report["data_warnings"]], ""]
     if models:
         classes = list(next(iter(models.values()))["per_class_dice"])
         first = next(iter(models.values()))
