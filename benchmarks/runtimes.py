@@ -93,7 +93,7 @@ def load_torch_model(torch_source: dict) -> tuple[Any, dict]:
     if kind == "arch":
         from student import build_student
 
-        model = build_student(torch_source["name"], int(torch_source["num_classes"]))
+        model = build_student(torch_source["name"], int(torch_source["num_classes"]), options=torch_source.get("options"))
         return model.eval(), {"arch": {"name": torch_source["name"], "num_classes": int(torch_source["num_classes"])}}
     raise RuntimeSpecError(f"unknown torch model source {torch_source!r} (kind: student | teacher | arch)")
 

@@ -289,7 +289,7 @@ class Pipeline:
         uses_teacher = lambda_kd > 0
         inputs = {
             "name": name, "lambda_kd": lambda_kd, "steps": steps,
-            "student": self.cfg["student"]["roi_size"],
+            "student": self.cfg["student"]["roi_size"], "arch": self.cfg["student"].get("arch"),
             "distill": {k: v for k, v in self.cfg["distill"].items() if k not in ("lambda_kd", "baseline_lambda_zero")},
             "data": self.records["data"].artifact_hashes["data"],
             "use_unlabeled": self.cfg["data"].get("use_unlabeled", True),

@@ -137,7 +137,7 @@ def train_student(
     """
     from data.transforms import DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, load_transforms, random_crop_transforms
     from monai.transforms import Compose
-    from student import build_student, check_roi, count_params, save_student
+    from student import arch_options, build_student, check_roi, count_params, save_student
     from training.checkpoint import load_checkpoint
     from training.loop import fit
 
@@ -225,10 +225,11 @@ def train_student(
     def val_fn(model: torch.nn.Module) -> dict[str, float]:
         return validation_dice(model, val_cases, roi_size, num_classes, overlap, device)
 
-    model = build_student(student_name, num_classes).to(device)
+    options = arch_options(student_name, scfg.get("arch"))  # student.arch over the registry's defaults
+    model = build_student(student_name, num_classes, options=options).to(device)
     settings = _train_settings(dcfg, steps, seed, progress)
     meta = {
-        "arch": {"name": student_name, "num_classes": num_classes, "in_channels": 1},
+        "arch": {"name": student_name, "num_classes": num_classes, "in_channels": 1, "options": options},
         "roi_size": roi_size,
         "preprocess": data.preprocess,
         "labels": data.labels,
@@ -239,7 +240,7 @@ def train_student(
     if progress:
         print(f"[student] {student_name} λ={lambda_kd} ({meta['distill_mode']}): {len(labelled)} labelled + "
               f"{len(unlabelled)} unlabelled cases, {settings.steps} steps, batch {dcfg['batch_size']} of {roi_size}, "
-              f"{count_params(model) / 1e6:.2f}M params, device {device} -> {out_dir}")
+              f"{count_params(model) / 1e6:.2f}M params{f' {options}' if options else ''}, device {device} -> {out_dir}")
     result = fit(model, loss_fn, batches, settings, out_dir, val_fn=val_fn, extra_meta=meta,
                  on_validation=on_validation, tracker=tracker, device=device)
     student_ckpt = out_dir / "student.pt"
@@ -247,7 +248,7 @@ def train_student(
         raise DistillConfigError(f"{out_dir}: training ended without a validated best checkpoint")
     if _rank() == 0:
         best = load_checkpoint(result.best_path)
-        model_cpu = build_student(student_name, num_classes)
+        model_cpu = build_student(student_name, num_classes, options=options)
         model_cpu.load_state_dict(best["model"])
         save_student(student_ckpt, model_cpu, {**meta, "step": int(result.best_step), "best_dice": float(result.best_metric)})
     return StudentResult(

@@ -557,7 +557,8 @@ def run_worker(
         from distill.tune_latency import StudentLatency
 
         latency = StudentLatency(Path(run_dir) / "tune" / "latency", data.num_classes, cfg["student"]["roi_size"],
-                                 threads=int(cfg["run"].get("threads") or 1), repeats=settings.latency_repeats)
+                                 threads=int(cfg["run"].get("threads") or 1), repeats=settings.latency_repeats,
+                                 options=cfg["student"].get("arch"))
     objective = TrialObjective(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, target, latency, log)
     ran, failures_in_a_row = 0, 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -30,8 +30,9 @@ class StudentLatency:
     """
 
     def __init__(self, directory: str | Path, num_classes: int, roi_size: Sequence[int], threads: int = 1,
-                 repeats: int = 10) -> None:
+                 repeats: int = 10, options: dict | None = None) -> None:
         self.directory = Path(directory)
+        self.options = dict(options or {})  # student.arch: the latency of the architecture the run trains
         self.num_classes = int(num_classes)
         self.roi_size = [int(s) for s in roi_size]
         self.threads = int(threads)
@@ -39,7 +40,8 @@ class StudentLatency:
 
     def path(self, name: str) -> Path:
         roi = "x".join(str(s) for s in self.roi_size)
-        return self.directory / f"{name}_{roi}_{self.threads}t.json"
+        opts = "".join(f"_{k}{v}" for k, v in sorted(self.options.items()))
+        return self.directory / f"{name}_{roi}_{self.threads}t{opts}.json"
 
     def measure(self, name: str) -> dict:
         """Export ``name`` untrained and time one patch; returns (and stores) the record."""
@@ -52,7 +54,7 @@ class StudentLatency:
 
         check_roi(name, self.roi_size)
         torch.manual_seed(0)
-        model = build_student(name, self.num_classes).eval()
+        model = build_student(name, self.num_classes, options=self.options).eval()
         onnx_path = self.path(name).with_suffix(".onnx")
         with atomic_path(onnx_path) as tmp:
             export_onnx(model, self.roi_size, tmp, batch=1)

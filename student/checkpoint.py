@@ -24,7 +24,8 @@ def save_student(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) ->
     Args:
         path: destination (``student.pt``).
         model: the student network.
-        meta: at least ``arch`` (``{"name", "num_classes", "in_channels"}``), ``roi_size``, ``preprocess``
+        meta: at least ``arch`` (``{"name", "num_classes", "in_channels"}``, optionally ``"options"``: the
+            architecture options it was built with, ``student.arch_options``), ``roi_size``, ``preprocess``
             and ``labels``; optionally ``step``, ``optimizer``, ``scheduler``, ``best_dice``, ``lambda_kd``,
             ``config``.
     """
@@ -66,8 +67,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         raise StudentCheckpointError(f"{path}: student checkpoint lacks {missing}")
     arch = ckpt["arch"]
     try:
-        model = build_student(arch["name"], arch["num_classes"], arch.get("in_channels", 1))
-    except (KeyError, TypeError) as exc:
+        model = build_student(arch["name"], arch["num_classes"], arch.get("in_channels", 1), arch.get("options"))
+    except (KeyError, TypeError, ValueError) as exc:
         raise StudentCheckpointError(f"{path}: bad 'arch' entry {arch!r}") from exc
     try:
         model.load_state_dict(ckpt["model"])

@@ -2,10 +2,15 @@
 
 A registry of named configurations built by small private functions (as ``build_sam`` does): a new
 student is a few lines here, not a new code path elsewhere.
+
+Architecture options (``ARCH_OPTIONS``: SwinUNETR's attention ``window_size`` and ``use_v2``) have their
+defaults here, are set per run by ``student.arch`` in the config, and are recorded in every student
+checkpoint (``meta["arch"]["options"]``), so export, deploy and the benchmarks rebuild exactly what was
+trained. A checkpoint without options was trained with the defaults.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 from torch import nn
 
@@ -14,8 +19,8 @@ class UnknownStudentError(ValueError):
     """A student name that is not in the registry; the message lists the known names."""
 
 
-def _swinunetr(feature_size: int) -> Callable[[int, int], nn.Module]:
-    def build(num_classes: int, in_channels: int) -> nn.Module:
+def _swinunetr(feature_size: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int, window_size: int = 7, use_v2: bool = False) -> nn.Module:
         from monai.networks.nets import SwinUNETR
 
         # monai >= 1.5 dropped ``img_size``: the network works at any size divisible by 32.
@@ -24,6 +29,8 @@ def _swinunetr(feature_size: int) -> Callable[[int, int], nn.Module]:
             out_channels=num_classes,
             feature_size=feature_size,
             spatial_dims=3,
+            window_size=int(window_size),
+            use_v2=bool(use_v2),
             use_checkpoint=False,
         )
 
@@ -50,35 +57,67 @@ def _basic_unet(num_classes: int, in_channels: int) -> nn.Module:
     return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, features=(16, 16, 32, 64, 128, 16))
 
 
-STUDENTS: dict[str, Callable[[int, int], nn.Module]] = {
+STUDENTS: dict[str, Callable[..., nn.Module]] = {
     "swinunetr_tiny": _swinunetr(12),
     "swinunetr_small": _swinunetr(24),
     "unet_small": _unet_small,
     "basic_unet": _basic_unet,
 }
 
+# Architecture options each student takes, with their defaults (MONAI's). SwinUNETR's 7³ windows pad a
+# 32 x 32 x 16 token grid (64 x 64 x 32 ROI) to 35 x 35 x 21; 4³ windows tile it exactly (benchmarks.train_step).
+_SWIN_OPTIONS = {"window_size": 7, "use_v2": False}
+ARCH_OPTIONS: dict[str, dict[str, object]] = {
+    "swinunetr_tiny": _SWIN_OPTIONS, "swinunetr_small": _SWIN_OPTIONS, "unet_small": {}, "basic_unet": {},
+}
+
 # Spatial sizes of a ROI must be multiples of this (SwinUNETR: patch 2 x four 2x merges = 32).
 ROI_MULTIPLE: dict[str, int] = {"swinunetr_tiny": 32, "swinunetr_small": 32, "unet_small": 8, "basic_unet": 16}
 
 
-def build_student(name: str, num_classes: int, in_channels: int = 1) -> nn.Module:
+def arch_options(name: str, options: Mapping[str, object] | None = None) -> dict[str, object]:
+    """The full architecture options of a named student: its defaults with ``options`` on top.
+
+    Options the student does not take are ignored when they belong to another student (``student.arch`` is
+    one section for every student of a run: ``window_size`` means nothing to a U-Net), and refused by name
+    when no student takes them (a typo).
+    """
+    if name not in STUDENTS:
+        raise UnknownStudentError(f"unknown student {name!r}; known: {sorted(STUDENTS)}")
+    known_anywhere = {k for opts in ARCH_OPTIONS.values() for k in opts}
+    given = dict(options or {})
+    unknown = sorted(set(given) - known_anywhere)
+    if unknown:
+        raise ValueError(f"student.arch: unknown option(s) {unknown}; known: {sorted(known_anywhere)}")
+    defaults = ARCH_OPTIONS.get(name, {})
+    out = {**defaults, **{k: v for k, v in given.items() if k in defaults}}
+    if "window_size" in out and (isinstance(out["window_size"], bool) or not isinstance(out["window_size"], int)
+                                 or out["window_size"] < 1):
+        raise ValueError(f"student {name!r}: window_size must be a positive integer, got {out['window_size']!r}")
+    if "use_v2" in out and not isinstance(out["use_v2"], bool):
+        raise ValueError(f"student {name!r}: use_v2 must be true or false, got {out['use_v2']!r}")
+    return out
+
+
+def build_student(name: str, num_classes: int, in_channels: int = 1,
+                  options: Mapping[str, object] | None = None) -> nn.Module:
     """Build a named student network (random initialisation).
 
     Args:
         name: one of ``STUDENTS`` (``swinunetr_tiny``, ``swinunetr_small``, ``unet_small``, ``basic_unet``).
         num_classes: K, output channels including background.
         in_channels: image channels (1 for CT).
+        options: architecture options over the student's defaults (``arch_options``), e.g. ``{"window_size": 4}``.
 
     Returns:
         an ``nn.Module`` mapping ``B x in_channels x X x Y x Z`` to logits ``B x K x X x Y x Z``.
     """
-    if name not in STUDENTS:
-        raise UnknownStudentError(f"unknown student {name!r}; known: {sorted(STUDENTS)}")
+    resolved = arch_options(name, options)
     if int(num_classes) < 2:
         raise ValueError(f"student {name!r}: num_classes must be >= 2 (background + one class), got {num_classes}")
     if int(in_channels) < 1:
         raise ValueError(f"student {name!r}: in_channels must be >= 1, got {in_channels}")
-    return STUDENTS[name](int(num_classes), int(in_channels))
+    return STUDENTS[name](int(num_classes), int(in_channels), **resolved)
 
 
 def check_roi(name: str, roi_size: list[int] | tuple[int, ...]) -> None:

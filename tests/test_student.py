@@ -82,3 +82,33 @@ def test_a_file_that_is_not_a_student_checkpoint_is_refused_naming_it(tmp_path):
         load_student(tmp_path / "missing.pt")
     with pytest.raises(StudentCheckpointError, match="lacks"):
         save_student(tmp_path / "x.pt", build_student("unet_small", 2), {"arch": {"name": "unet_small", "num_classes": 2}})
+
+
+def test_architecture_options_are_recorded_and_rebuilt_exactly(tmp_path):
+    """student.arch (e.g. 4³ attention windows) goes into student.pt; load_student rebuilds that network."""
+    from student import arch_options
+
+    assert arch_options("swinunetr_tiny") == {"window_size": 7, "use_v2": False}
+    assert arch_options("unet_small", {"window_size": 4}) == {}  # one student.arch section serves every student
+    with pytest.raises(ValueError, match="unknown option.*windowsize"):
+        arch_options("swinunetr_tiny", {"windowsize": 4})
+    with pytest.raises(ValueError, match="window_size must be a positive integer"):
+        build_student("swinunetr_tiny", 3, options={"window_size": 0})
+
+    torch.manual_seed(0)
+    options = arch_options("swinunetr_tiny", {"window_size": 4})
+    model = build_student("swinunetr_tiny", 3, options=options).eval()
+    assert tuple(model.swinViT.window_size) == (4, 4, 4)
+    path = save_student(tmp_path / "student.pt", model, {
+        "arch": {"name": "swinunetr_tiny", "num_classes": 3, "options": options},
+        "roi_size": [64, 32, 32], "preprocess": SPEC, "labels": {0: "background", 1: "a", 2: "b"}})
+    loaded, meta = load_student(path)
+    assert meta["arch"]["options"] == {"window_size": 4, "use_v2": False}
+    assert tuple(loaded.swinViT.window_size) == (4, 4, 4)
+    x = torch.randn(1, 1, 64, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    # The option is structural: a default (7³) network cannot even take these weights, so a checkpoint that
+    # did not record it could not be rebuilt.
+    with pytest.raises(RuntimeError, match="relative_position_bias_table"):
+        build_student("swinunetr_tiny", 3).load_state_dict(model.state_dict())
