@@ -203,11 +203,25 @@ def test_preprocess_zscore_over_foreground_and_window_round_trip():
 def test_click_segmenter_plugs_into_the_evaluation_click_protocol(tiny_sam):
     from evaluation.clicks import click_protocol
 
-    segment_fn = SamMed3DClickSegmenter(SamMed3DTeacher(tiny_sam))
+    from evaluation.metrics import mask_metrics
+
+    segmenter = SamMed3DClickSegmenter(SamMed3DTeacher(tiny_sam))
+    masks = []
+
+    def segment_fn(image, coords, labels):  # the segmenter, keeping each mask it answers
+        masks.append(np.asarray(segmenter(image, coords, labels)).astype(bool))
+        return masks[-1]
+
     image = torch.randn(1, 32, 32, 32)
     gt = np.zeros((32, 32, 32), bool)
     gt[8:20, 10:22, 6:16] = True
     result = click_protocol(segment_fn, image, gt, spacing_mm=(1.5, 1.5, 1.5), n_clicks=(1, 2))
     assert set(result["dice"]) == {1, 2}
-    assert all(0.0 <= d <= 1.0 for d in result["dice"].values())
+    # An untrained model has no accuracy to floor: the scores are those of the masks it answered, recomputed here.
+    assert len(masks) == 2  # the first mask was not perfect: a second click was placed
+    for n, mask in zip((1, 2), masks):
+        expected = mask_metrics(mask, gt, (1.5, 1.5, 1.5), 2.0, hd95=False)
+        assert result["dice"][n] == pytest.approx(expected["dice"])
+        assert result["nsd"][n] == pytest.approx(expected["nsd"])
+    assert result["dice_auc"] == pytest.approx((result["dice"][1] + result["dice"][2]) / 2)
     assert gt[tuple(result["clicks"][0][0])]  # the protocol's first click is on the target

@@ -1,7 +1,6 @@
 """SAM-Med3D as the trained teacher: teacher.train in auto and points mode, resume, teacher.pt round trip,
 click evaluation through SAM-Med3D's own interactive path, and the pipeline from teacher to student."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -13,6 +12,50 @@ from teacher.checkpoint import load_teacher
 from teacher.train import TeacherTrainError, train_teacher
 
 torch.set_num_threads(2)
+
+
+def recomputed_scores(model, roi_size, data, items):
+    """Dice of ``model`` on ``items`` (prepared cases), recomputed with evaluation/ (sliding window, ``case_metrics``,
+    ``summarize``), not with the training loop's ``validation_dice`` or the evaluation stage."""
+    from data.transforms import load_transforms
+    from evaluation.metrics import case_metrics, summarize
+    from evaluation.sliding_window import predict_logits
+
+    load, rows = load_transforms(data.preprocess, keys=("image", "label")), []
+    for item in items:
+        case = load(dict(item))
+        logits = predict_logits(model, torch.as_tensor(case["image"]), roi_size, data.num_classes, overlap=0.25)
+        pred = torch.as_tensor(logits).argmax(0).numpy()
+        rows += [{**r, "case": item["case_id"]} for r in
+                 case_metrics(pred, np.asarray(case["label"])[0], data.preprocess["spacing_mm"], data.labels)]
+    return summarize(rows)
+
+
+def replayed_clicks(model, case, labels, spacing, roi_size, mode, n_clicks, nsd_tolerance_mm):
+    """``{class id: [{"dice", "nsd"} after click 1, 2, ...]}`` for one preprocessed case: the clicks placed one by one
+    with ``evaluation.clicks.next_click``, answered by a fresh ``teacher.clicks.click_segmenter`` per organ (SAM-Med3D's
+    own click path in points mode), each mask scored by ``evaluation.metrics.mask_metrics``."""
+    from evaluation.clicks import next_click
+    from evaluation.metrics import mask_metrics
+    from teacher.clicks import click_segmenter
+
+    image = torch.as_tensor(np.asarray(case["image"], dtype=np.float32))
+    label = np.asarray(case["label"])[0]
+    out = {}
+    for class_id in sorted(c for c in labels if c):
+        target = label == class_id
+        if not target.any():
+            continue
+        segment = click_segmenter(model, class_id, roi_size, mode)
+        pred, clicks, out[class_id] = np.zeros_like(target), [], []
+        for _ in range(n_clicks):
+            click = next_click(pred, target, spacing)
+            if click is not None:
+                clicks.append(click)
+                mask = segment(image, np.array([xyz for xyz, _ in clicks]), np.array([int(p) for _, p in clicks]))
+                pred = np.asarray(mask).astype(bool)
+            out[class_id].append(mask_metrics(pred, target, spacing, nsd_tolerance_mm, hd95=False))
+    return out
 
 
 def tiny_config(phantom_dataset, *extra):
@@ -80,9 +123,14 @@ def test_auto_mode_trains_and_teacher_pt_rebuilds_the_same_model(prepared, auto_
     from training.checkpoint import load_checkpoint
 
     cfg, run_dir, data = prepared
-    assert auto_run.last_step == 2 and auto_run.best_step == 2 and 0.0 <= auto_run.best_metric <= 1.0
+    assert auto_run.last_step == 2 and auto_run.best_step == 2
+    assert auto_run.best_metric == max(h["dice"] for h in auto_run.history)
     assert set(auto_run.per_class_dice) == {name for c, name in data.labels.items() if c}
     model, meta = load_teacher(auto_run.checkpoint)
+    # Two steps teach nothing to rely on: the figures are checked, recomputed from teacher.pt on the validation case.
+    scores = recomputed_scores(model, meta["roi_size"], data, data.val)
+    assert scores["mean"]["dice"] == pytest.approx(auto_run.best_metric, abs=1e-6)
+    assert {n: v["dice"] for n, v in scores["per_class"].items()} == pytest.approx(auto_run.per_class_dice, abs=1e-6)
     assert meta["teacher_cfg"]["backbone"] == "sam_med3d" and meta["teacher_cfg"]["preset"] == "tiny"
     assert meta["roi_size"] == [32, 32, 32] and meta["preprocess"] == data.preprocess
     assert meta["num_classes"] == data.num_classes and meta["step"] == 2
@@ -111,9 +159,17 @@ def test_a_killed_run_resumes_from_last_pt(prepared, auto_run):
 
 def test_points_mode_trains_the_interactive_path_with_lora_on_pretrained_weights(prepared, points_run, sam_med3d_weights):
     cfg, run_dir, data = prepared
-    assert points_run.last_step == 2 and 0.0 <= points_run.best_metric <= 1.0  # Dice after one click
+    assert points_run.last_step == 2 and points_run.best_metric == max(h["dice"] for h in points_run.history)
     model, meta = load_teacher(points_run.checkpoint)
     assert meta["teacher_cfg"]["prompt_mode"] == "points" and meta["encoder_pretrained"]
+    # best_metric is the mean Dice after one click on the validation case: recomputed from teacher.pt.
+    from data.transforms import load_transforms
+
+    assert len(data.val) == 1
+    case = load_transforms(data.preprocess, keys=("image", "label"))(dict(data.val[0]))
+    one_click = replayed_clicks(model, case, data.labels, data.preprocess["spacing_mm"], meta["roi_size"], "points", 1,
+                                2.0)
+    assert points_run.best_metric == pytest.approx(np.mean([c[0]["dice"] for c in one_click.values()]), abs=1e-6)
     image = torch.randn(2, 1, 32, 32, 32)
     clicks = (torch.tensor([[[10.0, 12.0, 9.0]], [[20.0, 5.0, 16.0]]]), torch.tensor([[1], [1]]))
     with torch.no_grad():
@@ -143,15 +199,30 @@ def test_click_evaluation_of_a_sam_med3d_teacher(prepared, points_run, tmp_path,
     from teacher.clicks import click_segmenter, main
     from teacher.sam_med3d.interactive import SamMed3DClickSegmenter
 
-    _, run_dir, _ = prepared
+    cfg, run_dir, data = prepared
     model, meta = load_teacher(points_run.checkpoint)
     # points: SAM-Med3D's own click path (binary mask, previous low-res logits fed back as mask prompt).
     assert isinstance(click_segmenter(model, 1, meta["roi_size"], "points"), SamMed3DClickSegmenter)
     summary = main(["--teacher", points_run.checkpoint, "--data", str(run_dir), "--clicks", "1,3",
                     "--max-cases", "1", "--out", str(tmp_path / "clicks.csv")])
+    # The figures are those of the teacher's masks: every organ's Dice and NSD after 1 and 3 clicks, replayed
+    # click by click outside teacher.clicks' protocol and summary.
+    from data.transforms import load_transforms
+
+    first = data.scoring_split()[1][0]  # --max-cases 1
+    case = load_transforms(meta["preprocess"], keys=("image", "label"))(dict(first))
     for mode in ("points", "auto+points"):
         dice = summary["mean"][mode]["dice"]
-        assert set(dice) == {1, 3} and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in dice.values())
+        assert set(dice) == {1, 3}
+        replayed = replayed_clicks(model, case, data.labels, meta["preprocess"]["spacing_mm"], meta["roi_size"], mode, 3,
+                                   cfg["evaluation"]["nsd_tolerance_mm"])
+        assert set(summary["per_class"]) == set(replayed)
+        for class_id, curve in replayed.items():
+            entry = summary["per_class"][class_id][mode]
+            assert entry["dice"] == pytest.approx({1: curve[0]["dice"], 3: curve[2]["dice"]}, abs=1e-6), (mode, class_id)
+            assert entry["nsd"] == pytest.approx({1: curve[0]["nsd"], 3: curve[2]["nsd"]}, abs=1e-6), (mode, class_id)
+        means = {n: np.mean([c[n - 1]["dice"] for c in replayed.values()]) for n in (1, 3)}
+        assert dice == pytest.approx(means, abs=1e-6)
     assert (tmp_path / "clicks.csv").is_file() and "D@3" in capsys.readouterr().out
 
 
@@ -178,11 +249,23 @@ def test_pipeline_trains_the_sam_med3d_teacher_caches_its_native_logits_and_dist
                    "student.roi_size=[32, 32, 32]", "distill.steps=2", "distill.val_every=2",
                    "distill.warmup_steps=1", "distill.batch_size=1"])
     assert set(report["models"]) == {"teacher", "unet_small", "unet_small (λ=0)"}
-    assert all(0.0 <= m["mean"]["dice"] <= 1.0 for m in report["models"].values())
+    # Nothing here trains long enough to learn (2 steps each): the figures are checked instead. Each model's is the
+    # Dice of its checkpoint on the scoring split, and each checkpoint's best_dice its Dice on the validation split,
+    # both recomputed from the files.
+    from data.prepare import PreparedData
+    from student import load_student
+
+    prepared = PreparedData.load(run_dir / "data" / "data.json")
+    for name, entry in report["models"].items():
+        model, meta = (load_teacher if entry["kind"] == "teacher" else load_student)(entry["checkpoint"])
+        scored = recomputed_scores(model, meta["roi_size"], prepared, prepared.scoring_split()[1])
+        assert entry["mean"]["dice"] == pytest.approx(scored["mean"]["dice"], abs=1e-6), name
+        validated = recomputed_scores(model, meta["roi_size"], prepared, prepared.val)
+        assert meta["best_dice"] == pytest.approx(validated["mean"]["dice"], abs=1e-6), name
 
     cache = TeacherCache(next((run_dir / "cache").glob("*/manifest.json")).parent)
     assert cache.manifest["storage"]["native_factor"] == 2  # tiny: 16³ logits per 32³ crop
-    assert len(cache.entries) == 4  # 3 training cases + the unlabelled one
+    assert len(cache.entries) == len(prepared.train) + len(prepared.unlabelled)  # training cases + the unlabelled one
     data = json.loads((run_dir / "data" / "data.json").read_text())
     case = data["train"][0]
     entry = cache.entries[case["case_id"]]
