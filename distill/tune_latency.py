@@ -40,7 +40,11 @@ class StudentLatency:
 
     def path(self, name: str) -> Path:
         roi = "x".join(str(s) for s in self.roi_size)
-        opts = "".join(f"_{k}{v}" for k, v in sorted(self.options.items()))
+        from student import ARCH_OPTIONS, arch_options
+
+        # Only options that change this student from its registry defaults name a separate measurement.
+        defaults = ARCH_OPTIONS.get(name, {})
+        opts = "".join(f"_{k}{v}" for k, v in sorted(arch_options(name, self.options).items()) if defaults.get(k) != v)
         return self.directory / f"{name}_{roi}_{self.threads}t{opts}.json"
 
     def measure(self, name: str) -> dict:
