@@ -7,7 +7,6 @@ pipeline tests (tests/test_pipeline.py) train ``unet_small`` too.
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,25 +15,9 @@ from distill.cache import build_teacher_cache
 from data.prepare import prepare_data
 from distill.train import DistillConfigError, train_student
 from tests.stand_in_teacher import ConvTeacher
+from tests.recompute import recomputed_scores
 
 STEPS = 8
-
-
-def held_out_scores(model, data, roi_size):
-    """Dice on the validation cases recomputed with evaluation/ (sliding window, ``case_metrics``, ``summarize``),
-    not with the training loop's ``validation_dice``."""
-    from data.transforms import load_transforms
-    from evaluation.metrics import case_metrics, summarize
-    from evaluation.sliding_window import predict_logits
-
-    load, rows = load_transforms(data.preprocess, keys=("image", "label")), []
-    for item in data.val:
-        case = load(dict(item))
-        logits = predict_logits(model, torch.as_tensor(case["image"]), roi_size, data.num_classes, overlap=0.25)
-        pred = torch.as_tensor(logits).argmax(0).numpy()
-        rows += [{**r, "case": item["case_id"]} for r in
-                 case_metrics(pred, np.asarray(case["label"])[0], data.preprocess["spacing_mm"], data.labels)]
-    return summarize(rows)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +68,7 @@ def test_kd_student_trains_with_unlabelled_cases_and_writes_a_student_checkpoint
     # with 2 or 3 training cases (seed 0: 0.30 / 0.25), against 0.05-0.13 for 20 untrained unet_small
     # initialisations and 0.12 for "liver everywhere" on this case. (The other organs are still near 0: mean
     # foreground Dice 0.05-0.08 against 0.02-0.03 untrained, too close to hold a floor.)
-    scores = held_out_scores(model, data, meta["roi_size"])
+    scores = recomputed_scores(model, meta["roi_size"], data, data.val)
     assert scores["mean"]["dice"] == pytest.approx(result.best_dice, abs=1e-6)
     assert scores["per_class"]["liver"]["dice"] > 0.18, scores["per_class"]["liver"]
 
@@ -110,7 +93,7 @@ def test_lambda_zero_needs_no_teacher_and_kd_needs_its_targets(setup, tmp_path):
     assert ckpt["lambda_kd"] == 0.0 and ckpt["arch"]["name"] == "swinunetr_tiny"
     # Two steps teach nothing to rely on: the figure is checked instead, recomputed from student.pt by evaluation/.
     model, meta = load_student(result.checkpoint)
-    assert held_out_scores(model, data, meta["roi_size"])["mean"]["dice"] == pytest.approx(result.best_dice, abs=1e-6)
+    assert recomputed_scores(model, meta["roi_size"], data, data.val)["mean"]["dice"] == pytest.approx(result.best_dice, abs=1e-6)
     with pytest.raises(DistillConfigError, match="needs cache_dir"):
         train_student(cfg, run_dir, "swinunetr_tiny", 0.5, out_dir=tmp_path / "kd", progress=False)
     with pytest.raises(DistillConfigError, match="distill.mode"):

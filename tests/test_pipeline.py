@@ -4,31 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def recomputed_scores(kind, checkpoint, data, items):
-    """A checkpoint's Dice on ``items`` (prepared cases), recomputed with evaluation/ (sliding window, ``case_metrics``,
-    ``summarize``) from the checkpoint file, not read from the evaluation stage."""
-    from data.transforms import load_transforms
-    from evaluation.metrics import case_metrics, summarize
-    from evaluation.sliding_window import predict_logits
-    from student import load_student
-    from teacher.checkpoint import load_teacher
-
-    model, meta = (load_teacher if kind == "teacher" else load_student)(checkpoint)
-    load, rows = load_transforms(data.preprocess, keys=("image", "label")), []
-    for item in items:
-        case = load(dict(item))
-        logits = predict_logits(model, torch.as_tensor(case["image"]), meta["roi_size"], data.num_classes, overlap=0.25)
-        pred = torch.as_tensor(logits).argmax(0).numpy()
-        rows += [{**r, "case": item["case_id"]} for r in
-                 case_metrics(pred, np.asarray(case["label"])[0], data.preprocess["spacing_mm"], data.labels)]
-    return summarize(rows)
 
 
 def overrides(phantom_dataset):
@@ -78,19 +57,23 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     # Each is the Dice of the model's checkpoint on the scoring split (test, else validation), and a student's
     # best_dice (the figure that chose its checkpoint) its Dice on the validation split, recomputed from the files.
     from data.prepare import PreparedData
+    from student import load_student
+    from teacher.checkpoint import load_teacher
+    from tests.recompute import recomputed_scores
 
     data = PreparedData.load(run_dir / "data" / "data.json")
     students = {s["name"] + (" (λ=0)" if s["lambda_kd"] == 0 else ""): s for s in report["students"]}
     for name, model in report["models"].items():
         assert set(model["per_class_dice"]) == organs
         assert model["params"] > 0
-        expected = recomputed_scores(model["kind"], model["checkpoint"], data, data.scoring_split()[1])
+        network, meta = (load_teacher if model["kind"] == "teacher" else load_student)(model["checkpoint"])
+        expected = recomputed_scores(network, meta["roi_size"], data, data.scoring_split()[1])
         assert model["mean"]["dice"] == pytest.approx(expected["mean"]["dice"], abs=1e-6), name
         per_class = {c: v["dice"] for c, v in expected["per_class"].items()}
         assert model["per_class_dice"] == pytest.approx(per_class, abs=1e-6), name
         if name != "teacher":
             assert model["checkpoint"] == students[name]["checkpoint"]
-            validated = recomputed_scores(model["kind"], model["checkpoint"], data, data.val)
+            validated = recomputed_scores(network, meta["roi_size"], data, data.val)
             assert students[name]["best_dice"] == pytest.approx(validated["mean"]["dice"], abs=1e-6), name
     for folder in ("data/data.json", "students/unet_small/student.pt", "students/unet_small_lambda0/student.pt",
                    "evaluation/metrics.json", "report.md", "report.json", "mlflow.db"):

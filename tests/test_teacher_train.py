@@ -12,6 +12,7 @@ from data.prepare import prepare_data
 from teacher.checkpoint import load_teacher
 from teacher.point_sampling import ClickSamplingError, sample_clicks
 from teacher.train import TeacherTrainError, train_teacher
+from tests.recompute import recomputed_scores, replayed_clicks
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", message="teacher: NO SAM CHECKPOINT")
@@ -19,50 +20,6 @@ warnings.filterwarnings("ignore", message="teacher: NO SAM CHECKPOINT")
 # A teacher small enough for a 2-core CI machine: same architecture, narrow everywhere, 16^3 crops.
 TINY_ARCH = {"embed_dim": 32, "num_heads": 2, "neck_dim": 16, "decoder_dim": 8, "apg_base": 4,
              "prompt_heads": 2, "prompt_mlp_dim": 32}
-
-
-def held_out_scores(model, data, roi_size):
-    """Dice on the validation cases recomputed with evaluation/ (sliding window, ``case_metrics``, ``summarize``),
-    not with the training loop's ``validation_dice``."""
-    from data.transforms import load_transforms
-    from evaluation.metrics import case_metrics, summarize
-    from evaluation.sliding_window import predict_logits
-
-    load, rows = load_transforms(data.preprocess, keys=("image", "label")), []
-    for item in data.val:
-        case = load(dict(item))
-        logits = predict_logits(model, torch.as_tensor(case["image"]), roi_size, data.num_classes, overlap=0.25)
-        pred = torch.as_tensor(logits).argmax(0).numpy()
-        rows += [{**r, "case": item["case_id"]} for r in
-                 case_metrics(pred, np.asarray(case["label"])[0], data.preprocess["spacing_mm"], data.labels)]
-    return summarize(rows)
-
-
-def replayed_clicks(model, case, labels, spacing, roi_size, mode, n_clicks, nsd_tolerance_mm):
-    """``{class id: [{"dice", "nsd"} after click 1, 2, ...]}`` for one preprocessed case: the clicks placed one by one
-    with ``evaluation.clicks.next_click``, answered by a fresh ``teacher.clicks.click_segmenter`` per organ, each mask
-    scored by ``evaluation.metrics.mask_metrics`` (not through ``click_protocol`` or ``summarize_clicks``)."""
-    from evaluation.clicks import next_click
-    from evaluation.metrics import mask_metrics
-    from teacher.clicks import click_segmenter
-
-    image = torch.as_tensor(np.asarray(case["image"], dtype=np.float32))
-    label = np.asarray(case["label"])[0]
-    out = {}
-    for class_id in sorted(c for c in labels if c):
-        target = label == class_id
-        if not target.any():
-            continue
-        segment = click_segmenter(model, class_id, roi_size, mode)
-        pred, clicks, out[class_id] = np.zeros_like(target), [], []
-        for _ in range(n_clicks):
-            click = next_click(pred, target, spacing)
-            if click is not None:
-                clicks.append(click)
-                mask = segment(image, np.array([xyz for xyz, _ in clicks]), np.array([int(p) for _, p in clicks]))
-                pred = np.asarray(mask).astype(bool)
-            out[class_id].append(mask_metrics(pred, target, spacing, nsd_tolerance_mm, hd95=False))
-    return out
 
 
 def tiny_config(phantom_dataset):
@@ -109,7 +66,7 @@ def test_tiny_run_writes_a_teacher_checkpoint_by_contract(trained):
         assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, data.num_classes, 16, 16, 16)
     # Two steps teach nothing to rely on (test_sixty_steps_... checks learning): the figures are checked instead.
     # teacher.pt scores best_metric and per_class_dice on the validation case, recomputed by evaluation/.
-    scores = held_out_scores(model, data, meta["roi_size"])
+    scores = recomputed_scores(model, meta["roi_size"], data, data.val)
     assert scores["mean"]["dice"] == pytest.approx(result.best_metric, abs=1e-6)
     assert {n: v["dice"] for n, v in scores["per_class"].items()} == pytest.approx(result.per_class_dice, abs=1e-6)
 
@@ -134,7 +91,7 @@ def test_sixty_steps_learn_the_liver_past_what_an_untrained_teacher_scores(train
     assert result.best_metric == max(h["dice"] for h in result.history)
     assert result.per_class_dice["liver"] > 0.25, result.per_class_dice
     model, meta = load_teacher(result.checkpoint)
-    assert held_out_scores(model, data, meta["roi_size"])["per_class"]["liver"]["dice"] == pytest.approx(
+    assert recomputed_scores(model, meta["roi_size"], data, data.val)["per_class"]["liver"]["dice"] == pytest.approx(
         result.per_class_dice["liver"], abs=1e-6)
 
 
@@ -171,7 +128,7 @@ def test_point_and_both_prompt_modes_train(trained):
                                      "points", 1, 2.0)
             expected = np.mean([scores[0]["dice"] for scores in clicks.values()])
         else:
-            expected = held_out_scores(model, data, meta["roi_size"])["mean"]["dice"]
+            expected = recomputed_scores(model, meta["roi_size"], data, data.val)["mean"]["dice"]
         assert len(data.val) == 1 and result.best_metric == pytest.approx(expected, abs=1e-6)
 
 
