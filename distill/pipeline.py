@@ -119,14 +119,9 @@ class Pipeline:
 
             def body(directory: Path) -> tuple[dict[str, str], dict]:
                 from teacher.checkpoint import load_teacher
-                from teacher.compat import TeacherMismatchError, check_teacher_fits
 
                 _, meta = load_teacher(path)
-                try:
-                    allowed = check_teacher_fits(meta, data.labels, data.preprocess, self.cfg["teacher"].get("roi_size"),
-                                                 allow_preprocess_mismatch=allow, source=path)
-                except TeacherMismatchError as exc:
-                    raise PipelineError(str(exc)) from exc
+                allowed = self._check_teacher(meta, path, self.cfg["teacher"].get("roi_size"))
                 return {"teacher": str(path)}, {"source": "checkpoint_file", "preprocess_mismatch": allowed}
         else:
             # allow_preprocess_mismatch concerns a given teacher only: it never retrains one.
@@ -175,14 +170,9 @@ class Pipeline:
         def body(directory: Path) -> tuple[dict[str, str], dict]:
             from data.transforms import load_transforms
             from teacher.checkpoint import load_teacher
-            from teacher.compat import TeacherMismatchError, check_teacher_fits
 
             teacher, meta = load_teacher(teacher_ckpt, device=self.device)
-            try:  # whoever passed teacher_ckpt, it must fit the data it is about to label
-                check_teacher_fits(meta, data.labels, data.preprocess, roi, source=teacher_ckpt,
-                                   allow_preprocess_mismatch=self.cfg["teacher"].get("allow_preprocess_mismatch", False))
-            except TeacherMismatchError as exc:
-                raise PipelineError(str(exc)) from exc
+            self._check_teacher(meta, teacher_ckpt, roi)  # whoever passed teacher_ckpt, it must fit the data it labels
             load_labelled = load_transforms(data.preprocess, keys=("image",))
             cache = build_teacher_cache(teacher, cases, load_labelled, directory, teacher_ckpt, data.preprocess,
                                         roi, data.num_classes, overlap=overlap, downsample=downsample, device=self.device)
@@ -444,6 +434,18 @@ class Pipeline:
         if is_main_process():
             self.log(text)
         return report
+
+    def _check_teacher(self, meta: Mapping[str, Any], path: str | Path, roi_size: Any) -> list[str]:
+        """``teacher.compat.check_teacher_fits`` against this run's data and settings, as a ``PipelineError``;
+        returns the preprocessing differences that ``teacher.allow_preprocess_mismatch`` let through."""
+        from teacher.compat import TeacherMismatchError, check_teacher_fits
+
+        data = self._need_data()
+        try:
+            return check_teacher_fits(meta, data.labels, data.preprocess, roi_size, source=path,
+                                      allow_preprocess_mismatch=self.cfg["teacher"].get("allow_preprocess_mismatch", False))
+        except TeacherMismatchError as exc:
+            raise PipelineError(str(exc)) from exc
 
     def _need_data(self) -> PreparedData:
         if self.data is None:
