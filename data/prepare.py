@@ -4,6 +4,15 @@ Its artifact, ``<run>/data/data.json``, is what every later stage reads: the dat
 the preprocessing spec, and the case lists (training, validation, test, unlabelled) with absolute paths.
 Validation cases choose (checkpoints, pruning, λ, the INT8 check); test cases are scored once, by the
 evaluation stage and the benchmark's Dice column, and by nothing else.
+
+The students' own data (``data.site``) is the scenario distillation is for (../shared/DESIGN.md): the teacher
+is adapted on a labelled corpus (``data.source``), while the site that deploys the student has a few labelled
+scans and many unlabelled ones. With ``data.site`` set, students learn from the site's cases only
+(``site_labelled`` with their labels, ``site_unlabelled`` through the teacher's cache); the λ = 0 student sees
+the labelled ones alone. Validation and test cases stay the corpus's, so every model is scored on the same
+cases. Without it, students learn from the teacher's training split and ``unlabelled`` (the full-label
+regime of a corpus). Site phantoms come from another seed stream than the corpus's, so the teacher's targets
+on them are predictions on scans it never saw, as they would be at a real site.
 """
 from __future__ import annotations
 
@@ -32,6 +41,11 @@ class PreparedData:
         val: held-out labelled cases that choose checkpoints, λ and INT8 settings, same form.
         test: held-out labelled cases scored once, for the report, same form.
         unlabelled: cases without a label ``{"case_id", "image"}`` (e.g. ``imagesTs``).
+        site: the students' own data (``data.site``): ``{"source", "root", "seed", "labelled", "unlabelled"}``,
+            or None when students learn from ``train`` and ``unlabelled``.
+        site_labelled: the site's cases whose label the students use, as ``train``.
+        site_unlabelled: the site's cases used through the teacher only (labels withheld or absent), as
+            ``unlabelled``.
         warnings: what the checks warned about (skipped cases, unusual but usable images); the report
             carries them.
     """
@@ -44,10 +58,30 @@ class PreparedData:
     test: list[dict] = field(default_factory=list)
     unlabelled: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    site: dict | None = None
+    site_labelled: list[dict] = field(default_factory=list)
+    site_unlabelled: list[dict] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return max(self.labels) + 1
+
+    def corpus_fingerprint(self) -> str:
+        """sha256 of what the teacher learns from and is chosen on (root, labels, preprocessing, training and
+        validation cases): a teacher stage keyed on it is not retrained when only the students' site changes."""
+        import hashlib
+
+        blob = json.dumps({"root": self.root, "labels": {str(k): v for k, v in self.labels.items()},
+                           "preprocess": self.preprocess, "train": self.train, "val": self.val},
+                          sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def student_cases(self) -> tuple[list[dict], list[dict]]:
+        """``(labelled, unlabelled)`` cases the students learn from: the site's when ``data.site`` is set,
+        else the training split and the unlabelled cases."""
+        if self.site is not None:
+            return list(self.site_labelled), list(self.site_unlabelled)
+        return list(self.train), list(self.unlabelled)
 
     def scoring_split(self) -> tuple[str, list[dict]]:
         """The split a reported figure is scored on: ``("test", test cases)``, or ``("val", validation cases)``
@@ -75,8 +109,8 @@ class PreparedData:
             raise DataStageError(f"{path}: not a data artifact ({exc})") from exc
 
 
-def _as_item(case: Mapping[str, Any], labelled: bool) -> dict:
-    item = {"case_id": str(case["case_id"]), "image": str(Path(case["image"]).resolve())}
+def _as_item(case: Mapping[str, Any], labelled: bool, prefix: str = "") -> dict:
+    item = {"case_id": prefix + str(case["case_id"]), "image": str(Path(case["image"]).resolve())}
     if labelled:
         item["label"] = str(Path(case["label"]).resolve())
     return item
@@ -93,7 +127,6 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     Returns:
         The prepared data, also saved to ``data_dir/data.json``.
     """
-    from data.checks import BadCaseWarning, PlausibilityWarning, check_dataset
     from data.dataset import load_dataset, make_split
     from data.stats import compute_intensity_stats, compute_zscore_stats, preprocess_spec
 
@@ -102,38 +135,15 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     seed = int(cfg.get("run", {}).get("seed", 0))
     source = str(dcfg.get("source", "phantoms"))
     if source == "phantoms":
-        from data.phantom import write_dataset
-
-        root = data_dir / "phantoms"
-        if not (root / "dataset.json").is_file():
-            if progress:
-                print(f"[data] writing {dcfg['phantom_cases']} + {dcfg.get('phantom_test_cases', 0)} phantoms to {root}")
-            write_dataset(
-                root,
-                cases=int(dcfg["phantom_cases"]),
-                test_cases=int(dcfg.get("phantom_test_cases", 0)),
-                seed=seed,
-                size=tuple(int(s) for s in dcfg["phantom_size"]),
-            )
+        root = _phantoms(data_dir / "phantoms", int(dcfg["phantom_cases"]), int(dcfg.get("phantom_test_cases", 0)), seed,
+                         dcfg["phantom_size"], progress)
     else:
         root = Path(source).expanduser()
         if not root.is_dir():
             raise DataStageError(f"data.source={source!r}: not a folder (use 'phantoms' or a dataset folder)")
 
     dataset = load_dataset(root)
-    # The runtime's plausibility judgement (deploy/plausibility.py) applies to every case, against the student's
-    # window at the run's spacing; data.force_implausible keeps refused images (with a warning) for unusual CT.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        checked = check_dataset(dataset, skip_bad=bool(dcfg.get("skip_bad_cases", False)),
-                                force=bool(dcfg.get("force_implausible", False)),
-                                spacing_mm=cfg["preprocess"].get("spacing_mm"),
-                                roi_size=(cfg.get("student") or {}).get("roi_size"))
-    noted = [str(w.message) for w in caught if issubclass(w.category, (BadCaseWarning, PlausibilityWarning))]
-    for w in caught:  # shown as they would have been, and kept for the report
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if checked is not None:  # check_dataset returns the dataset without the skipped cases
-        dataset = checked
+    dataset, noted = _checked(dataset, cfg)
     test_fraction = float(dcfg.get("test_fraction", 0.0))
     split = make_split(dataset, val_fraction=float(dcfg.get("val_fraction", 0.2)), seed=seed,
                        path=data_dir / "splits.json", test_fraction=test_fraction)
@@ -157,8 +167,89 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     labels = {int(k): str(v) for k, v in dataset.labels.items()}
     prepared = PreparedData(root=str(Path(root).resolve()), labels=labels, preprocess=spec, train=train, val=val,
                             test=test, unlabelled=unlabelled, warnings=noted)
+    if dcfg.get("site") and (dcfg["site"].get("source") or None) is not None:
+        _add_site(prepared, cfg, data_dir, progress)
     prepared.save(data_dir / "data.json")
     if progress:
         print(f"[data] {len(train)} training, {len(val)} validation, {len(test)} test, {len(unlabelled)} unlabelled cases; "
               f"{prepared.num_classes} classes; spacing {spec['spacing_mm']} mm")
+        if prepared.site is not None:
+            print(f"[data] students' site data ({prepared.site['source']}): {len(prepared.site_labelled)} labelled + "
+                  f"{len(prepared.site_unlabelled)} unlabelled cases")
     return prepared
+
+
+def _phantoms(root: Path, cases: int, test_cases: int, seed: int, size: Any, progress: bool) -> Path:
+    """The phantom dataset under ``root``, written on first use."""
+    from data.phantom import write_dataset
+
+    if not (root / "dataset.json").is_file():
+        if progress:
+            print(f"[data] writing {cases} + {test_cases} phantoms (seed {seed}) to {root}")
+        write_dataset(root, cases=cases, test_cases=test_cases, seed=seed, size=tuple(int(s) for s in size))
+    return root
+
+
+def _checked(dataset: Any, cfg: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """``data.checks.check_dataset`` over a dataset, and the warnings it gave (kept for the report)."""
+    from data.checks import BadCaseWarning, PlausibilityWarning, check_dataset
+
+    dcfg = cfg["data"]
+    # The runtime's plausibility judgement (deploy/plausibility.py) applies to every case, against the student's
+    # window at the run's spacing; data.force_implausible keeps refused images (with a warning) for unusual CT.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checked = check_dataset(dataset, skip_bad=bool(dcfg.get("skip_bad_cases", False)),
+                                force=bool(dcfg.get("force_implausible", False)),
+                                spacing_mm=cfg["preprocess"].get("spacing_mm"),
+                                roi_size=(cfg.get("student") or {}).get("roi_size"))
+    noted = [str(w.message) for w in caught if issubclass(w.category, (BadCaseWarning, PlausibilityWarning))]
+    for w in caught:  # shown as they would have been, and kept for the report
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return (checked if checked is not None else dataset), noted  # check_dataset returns it without skipped cases
+
+
+def _add_site(prepared: PreparedData, cfg: Mapping[str, Any], data_dir: Path, progress: bool) -> None:
+    """The students' own data (``data.site``): checked like the corpus, its labels the corpus's, a seeded
+    choice of ``site.labelled`` cases keeping their label and the rest (and the site's unlabelled scans)
+    used through the teacher only."""
+    import numpy as np
+
+    from data.dataset import load_dataset
+
+    scfg = cfg["data"]["site"]
+    seed = int(cfg.get("run", {}).get("seed", 0))
+    source = str(scfg["source"])
+    if source == "phantoms":
+        site_seed = int(scfg.get("phantom_seed", seed + 1000))
+        if site_seed == seed:
+            raise DataStageError(f"data.site.phantom_seed={site_seed} is the corpus's seed (run.seed): the site would "
+                                 "hold the teacher's own training phantoms; choose another seed")
+        root = _phantoms(data_dir / "site", int(scfg.get("phantom_cases", 40)), int(scfg.get("phantom_test_cases", 0)),
+                         site_seed, cfg["data"]["phantom_size"], progress)
+    else:
+        site_seed = None
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise DataStageError(f"data.site.source={source!r}: not a folder (use null, 'phantoms' or a dataset folder)")
+    dataset = load_dataset(root)
+    site_labels = {int(k): str(v) for k, v in dataset.labels.items()}
+    if site_labels != prepared.labels:
+        raise DataStageError(f"data.site.source={source!r} ({root}): labels {site_labels} differ from the corpus's "
+                             f"{prepared.labels}; the students' data must use the teacher's classes")
+    dataset, noted = _checked(dataset, cfg)
+    prepared.warnings.extend(f"site: {w}" for w in noted)
+    cases = sorted(dataset.training, key=lambda c: str(c["case_id"]))
+    wanted = scfg.get("labelled", "all")
+    count = len(cases) if wanted in (None, "all") else int(wanted)
+    if not 0 <= count <= len(cases):
+        raise DataStageError(f"data.site.labelled={wanted!r}: the site ({root}) has {len(cases)} labelled cases")
+    # The labelled subset is a seeded draw, so 8 of 40 are not simply the first 8 generated.
+    order = np.random.default_rng(np.random.SeedSequence([seed, 77])).permutation(len(cases))
+    keep = {cases[i]["case_id"] for i in order[:count]}
+    prepared.site_labelled = [_as_item(c, True, "site_") for c in cases if c["case_id"] in keep]
+    prepared.site_unlabelled = ([_as_item(c, False, "site_") for c in cases if c["case_id"] not in keep]
+                                + [_as_item(c, False, "site_") for c in dataset.test])
+    prepared.site = {"source": source, "root": str(Path(root).resolve()), "seed": site_seed,
+                     "labelled": len(prepared.site_labelled), "unlabelled": len(prepared.site_unlabelled),
+                     "labels_withheld": len(cases) - count}

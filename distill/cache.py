@@ -291,6 +291,33 @@ class TeacherCache:
                              entry.get("native_offset", (0, 0, 0)))
 
 
+def store_entry(directory: str | Path, manifest: dict, item: Mapping[str, Any], stored: np.ndarray, grid: Sequence[int],
+                image_sha256: str | None, seconds: float = 0.0, extra: Mapping[str, Any] | None = None) -> None:
+    """Write one case's stored logits (``K x x' x y' x z'`` float16, e.g. from :func:`compress_logits`) and its
+    manifest entry, both atomically; ``grid`` is the case's preprocessed ``[X, Y, Z]``. ``build_teacher_cache``
+    stores every teacher prediction through this; targets computed elsewhere (another machine's teacher, or a
+    test's reference labels) can be stored the same way into a manifest it created."""
+    case_id = str(item["case_id"])
+    if not _CASE_ID.match(case_id):
+        raise CacheError(f"case id {case_id!r} is not a safe file name")
+    directory = Path(directory)
+    file_name = f"{case_id}.npz"
+    with atomic_path(directory / file_name, suffix=".npz") as tmp:
+        np.savez(tmp, logits=np.asarray(stored, dtype=np.float16))
+    manifest["entries"][case_id] = {
+        "file": file_name,
+        "image": str(item["image"]) if isinstance(item.get("image"), (str, Path)) else None,
+        "image_sha256": image_sha256,
+        "shape": [int(g) for g in grid],
+        "stored_shape": [int(v) for v in np.shape(stored)[1:]],
+        **dict(extra or {}),
+        "bytes": (directory / file_name).stat().st_size,
+        "labelled": bool(item.get("label")),
+        "seconds": round(float(seconds), 3),
+    }
+    write_json_atomic(directory / "manifest.json", manifest)
+
+
 def build_teacher_cache(
     teacher: Callable | torch.nn.Module,
     cases: Iterable[Mapping[str, Any]],
@@ -398,21 +425,7 @@ def build_teacher_cache(
                 raise CacheError(f"case {case_id!r}: teacher gave {logits.shape[0]} channels, expected {num_classes}")
             grid = [int(s) for s in logits.shape[1:]]
             stored = compress_logits(logits, int(downsample))
-        file_name = f"{case_id}.npz"
-        with atomic_path(directory / file_name, suffix=".npz") as tmp:
-            np.savez(tmp, logits=stored)
-        manifest["entries"][case_id] = {
-            "file": file_name,
-            "image": str(item["image"]) if isinstance(item.get("image"), (str, Path)) else None,
-            "image_sha256": hashes[case_id],
-            "shape": grid,
-            "stored_shape": [int(s) for s in stored.shape[1:]],
-            **extra,
-            "bytes": (directory / file_name).stat().st_size,
-            "labelled": bool(item.get("label")),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        write_json_atomic(manifest_path, manifest)
+        store_entry(directory, manifest, item, stored, grid, hashes[case_id], time.perf_counter() - start, extra)
 
     missing = [c["case_id"] for c in cases if c["case_id"] not in manifest["entries"]]
     if missing:  # pragma: no cover - guarded by the loop above

@@ -100,7 +100,7 @@ def measure_modes(run: str | Path, student: str | None = None, steps: int = 12, 
             result = train_student(cfg, run, name, lam, teacher_pt, cache_dir if mode == "cached" else None,
                                    out_dir=Path(tmp) / mode, steps=steps, data=data, progress=progress)
             figures[f"{mode}_s_per_step"] = result.seconds_per_step
-    steps_per_epoch = math.ceil(len(data.train) / figures["batch_size"])
+    steps_per_epoch = math.ceil(len(data.student_cases()[0]) / figures["batch_size"])  # the labelled student cases
     for mode in ("cached", "online"):
         figures[f"{mode}_s_per_epoch"] = figures[f"{mode}_s_per_step"] * steps_per_epoch
     figures["steps_per_epoch"] = steps_per_epoch

@@ -90,7 +90,7 @@ class Pipeline:
             prepared = prepare_data(self.cfg, directory)
             return {"data": str(directory / "data.json")}, {
                 "train": len(prepared.train), "val": len(prepared.val), "test": len(prepared.test),
-                "unlabelled": len(prepared.unlabelled), "warnings": list(prepared.warnings)}
+                "unlabelled": len(prepared.unlabelled), "warnings": list(prepared.warnings), "site": prepared.site}
 
         record = self._stage("data", self.run_dir / "data", inputs, body)
         self.data = PreparedData.load(record.artifacts["data"])
@@ -125,9 +125,10 @@ class Pipeline:
                 return {"teacher": str(path)}, {"source": "checkpoint_file", "preprocess_mismatch": allowed}
         else:
             # allow_preprocess_mismatch concerns a given teacher only: it never retrains one.
+            # The corpus, not the whole data artifact: a change to the students' site (data.site) keeps the teacher.
             inputs = {"teacher": {k: v for k, v in self.cfg["teacher"].items()
                                   if k not in ("checkpoint_file", "allow_preprocess_mismatch")},
-                      "data": self.records["data"].artifact_hashes["data"], "seed": self.cfg["run"].get("seed", 0)}
+                      "corpus": data.corpus_fingerprint(), "seed": self.cfg["run"].get("seed", 0)}
 
             def body(directory: Path) -> tuple[dict[str, str], dict]:
                 if importlib.util.find_spec("teacher.train") is None:
@@ -139,7 +140,12 @@ class Pipeline:
                 ckpt = Path(getattr(result, "checkpoint", directory / "teacher.pt"))
                 if not ckpt.is_file():
                     raise PipelineError(f"teacher training finished without writing {ckpt}")
-                return {"teacher": str(ckpt)}, {"source": "trained", "best_dice": float(getattr(result, "best_metric", float("nan")))}
+                return {"teacher": str(ckpt)}, {
+                    "source": "trained", "best_dice": float(getattr(result, "best_metric", float("nan"))),
+                    "steps": int(getattr(result, "last_step", 0)), "seconds_per_step": getattr(result, "seconds_per_step", None),
+                    "train_seconds": getattr(result, "wall_seconds", None),
+                    "history": [{k: h[k] for k in ("step", "train_s", "dice") if k in h}
+                                for h in getattr(result, "history", [])]}
 
         record = self._stage("teacher", self.run_dir / "teacher", inputs, body, all_ranks=not given)
         for line in record.info.get("preprocess_mismatch") or []:
@@ -163,7 +169,7 @@ class Pipeline:
         overlap = float(self.cfg["evaluation"].get("overlap", 0.25))
         downsample = int(dcfg.get("cache_downsample", 2))
         key = cache_key(file_sha256(teacher_ckpt), data.preprocess, roi, overlap, downsample)  # + the body crop
-        cases = [{**c, SOURCE_HASH_KEY: file_sha256(c["image"])} for c in data.train + data.unlabelled]
+        cases = [{**c, SOURCE_HASH_KEY: file_sha256(c["image"])} for c in sum(data.student_cases(), [])]
         inputs = {"key": key, "cases": sorted(c["case_id"] for c in cases),
                   "images": {c["case_id"]: c[SOURCE_HASH_KEY] for c in cases}}
 
@@ -426,6 +432,8 @@ class Pipeline:
             benchmark = self.stage_benchmark(bundles)
             report = build_report(self.cfg, self.run_dir, self.records, students, evaluation, bundles, benchmark,
                                   wall_seconds=time.perf_counter() - started, tune=tune)
+            if is_main_process():
+                report["curves"] = self._plot_curves(students)
             text = format_report(report)
             if is_main_process():
                 write_json_atomic(self.run_dir / "report.json", report)
@@ -434,6 +442,20 @@ class Pipeline:
         if is_main_process():
             self.log(text)
         return report
+
+    def _plot_curves(self, students: list[StudentResult]) -> str | None:
+        """``dice_vs_minutes.png``: validation Dice against training minutes of the teacher and every student."""
+        from distill.curves import plot_dice_vs_minutes
+
+        series = {}
+        teacher_info = self.records["teacher"].info if "teacher" in self.records else {}
+        if teacher_info.get("history"):
+            series["teacher"] = teacher_info["history"]
+        for s in students:
+            series[f"{s.name} (λ={s.lambda_kd:g}, {s.labelled}+{s.unlabelled} cases)"] = s.history
+        path = plot_dice_vs_minutes(series, self.run_dir / "dice_vs_minutes.png",
+                                    title=f"{self.cfg['run']['name']}: validation Dice ({len(self._need_data().val)} cases)")
+        return str(path) if path else None
 
     def _check_teacher(self, meta: Mapping[str, Any], path: str | Path, roi_size: Any) -> list[str]:
         """``teacher.compat.check_teacher_fits`` against this run's data and settings, as a ``PipelineError``;

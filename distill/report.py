@@ -58,6 +58,12 @@ def build_report(
     data_info = records["data"].info if "data" in records else {}
     splits = {k: int(data_info[k]) for k in ("train", "val", "test", "unlabelled") if k in data_info}
     data_warnings = list(data_info.get("warnings") or [])
+    teacher_info = records["teacher"].info if "teacher" in records else {}
+    teacher_training = None
+    if teacher_info.get("source") == "trained" and teacher_info.get("steps"):
+        teacher_training = {"steps": int(teacher_info["steps"]), "best_dice": teacher_info.get("best_dice"),
+                            "best_dice_split": "val", "seconds_per_step": teacher_info.get("seconds_per_step"),
+                            "train_minutes": round(float(teacher_info.get("train_seconds") or 0.0) / 60, 2)}
     return {
         "run": str(cfg["run"]["name"]),
         "run_dir": str(run_dir),
@@ -66,8 +72,12 @@ def build_report(
         "data_warnings": data_warnings,
         "models": models,
         # best_dice of a student is its best validation Dice: the figure that chose its checkpoint.
+        # The students' own data (data.site), None when they learn from the corpus's training split.
+        "site": data_info.get("site"),
+        "teacher_training": teacher_training,
         "students": [{**{k: v for k, v in s.to_dict().items() if k != "history"}, "best_dice_split": "val",
-                      "val_cases": splits.get("val")} for s in students],
+                      "val_cases": splits.get("val"), "train_minutes": round(float(s.wall_seconds) / 60, 2)}
+                     for s in students],
         "stages": stages,
         "bundles": dict(bundles),
         "benchmark": dict(benchmark) if benchmark else None,
@@ -91,6 +101,12 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines += ["Cases: " + ", ".join(f"{splits[k]} {name}" for k, name in (
             ("train", "training"), ("val", "validation (chooses checkpoints, λ, INT8)"),
             ("test", "test (scored once, below)"), ("unlabelled", "unlabelled")) if k in splits), ""]
+    site = report.get("site")
+    if site:
+        lines += [f"Students' own data (data.site, {site['source']}): {site['labelled']} labelled + {site['unlabelled']} "
+                  f"unlabelled cases ({site.get('labels_withheld', 0)} of them with the label withheld); the teacher "
+                  "learns from the training cases above, the students from these; the λ = 0 student sees the labelled "
+                  "ones alone. Validation and test cases are the same for every model.", ""]
     if report.get("data_warnings"):
         lines += ["## Input warnings (data stage)", "", *[f"- {w}" for w in report["data_warnings"]], ""]
     if models:
@@ -117,10 +133,19 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report["students"]:
         val_cases = splits.get("val")
         val_note = f" ({val_cases} validation cases, chose the checkpoint)" if val_cases else " (chose the checkpoint)"
-        lines += ["", "## Student training", "", f"| student | λ | steps | best val Dice{val_note} | s/step |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "## Training", "", f"| model | λ | labelled + unlabelled cases | steps | minutes | best val Dice{val_note} "
+                  "| s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
+        t = report.get("teacher_training")
+        if t:
+            lines.append(f"| teacher | – | {splits.get('train', '–')} + 0 | {t['steps']} | {_fmt(t['train_minutes'], 1)} | "
+                         f"{_fmt(t['best_dice'])} | {_fmt(t['seconds_per_step'], 2)} |")
         for s in report["students"]:
-            lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {s['last_step']} | {_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
+            cases = f"{s.get('labelled', '–')} + {s.get('unlabelled', '–')}"
+            minutes = s.get("train_minutes", float(s.get("wall_seconds", 0.0)) / 60)
+            lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {cases} | {s['last_step']} | {_fmt(minutes, 1)} | "
+                         f"{_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
+        if report.get("curves"):
+            lines += ["", f"Validation Dice against training minutes: {report['curves']}"]
     tune = report.get("tune")
     if tune:
         ends = tune.get("endpoints") or {}

@@ -51,6 +51,8 @@ class StudentResult:
         wall_seconds: wall time of the run (0 when it was already finished).
         params: parameter count.
         history: the engine's validation history.
+        labelled: cases it learnt from with their label.
+        unlabelled: cases it learnt from through the teacher only (0 for λ = 0).
     """
 
     name: str
@@ -64,6 +66,8 @@ class StudentResult:
     wall_seconds: float
     params: int
     history: list = field(default_factory=list)
+    labelled: int = 0
+    unlabelled: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,24 +77,40 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
-def _crop_batches(dataset: Any, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
+def _crop_batches(dataset: Any, batch_size: int, num_workers: int = 0,
+                  weights: Sequence[float] | None = None) -> Iterator[dict]:
     """Endless stream of collated crop batches, reshuffled each pass.
 
     The loader is built lazily, inside ``fit``, so its shuffling and MONAI's transform seeds come from the
-    global RNG that ``fit`` seeds per rank (``seed + rank``) and restores on resume.
+    global RNG that ``fit`` seeds per rank (``seed + rank``) and restores on resume. With ``weights`` (one per
+    case) cases are drawn with replacement in proportion to them instead of once per pass.
     """
     from monai.data import DataLoader, list_data_collate
+    from torch.utils.data import WeightedRandomSampler
 
+    sampler = None if weights is None else WeightedRandomSampler(list(weights), num_samples=len(dataset), replacement=True)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=len(dataset) >= batch_size,
         num_workers=num_workers,
         collate_fn=list_data_collate,
     )
     while True:
         yield from loader
+
+
+def case_weights(labelled: int, unlabelled: int, labelled_fraction: float | None) -> list[float] | None:
+    """Sampling weights that put ``labelled_fraction`` of the crops on the labelled cases (None: every case
+    alike, so 8 labelled among 40 cases get 20 % of the crops)."""
+    if labelled_fraction is None or not labelled or not unlabelled:
+        return None
+    f = float(labelled_fraction)
+    if not 0.0 < f < 1.0:
+        raise DistillConfigError(f"distill.labelled_fraction must lie in (0, 1) or be null, got {labelled_fraction!r}")
+    return [f / labelled] * labelled + [(1.0 - f) / unlabelled] * unlabelled
 
 
 def _preload(items: Sequence[Mapping[str, Any]], transforms: Callable) -> list[dict]:
@@ -180,8 +200,13 @@ def train_student(
         teacher.eval().requires_grad_(False)
 
     # Unlabelled cases can only be learnt from the teacher's cached targets: the KD term alone.
-    labelled = [{**c, "has_label": True} for c in data.train]
-    unlabelled = [{**c, "has_label": False} for c in data.unlabelled] if (cache is not None and cfg["data"].get("use_unlabeled", True)) else []
+    # The site's cases when data.site is set (the scenario KD is for), else the training split (data.prepare).
+    site_labelled, site_unlabelled = data.student_cases()
+    labelled = [{**c, "has_label": True} for c in site_labelled]
+    unlabelled = [{**c, "has_label": False} for c in site_unlabelled] if (cache is not None and cfg["data"].get("use_unlabeled", True)) else []
+    if not labelled and not unlabelled:
+        raise DistillConfigError(f"{student_name} λ={lambda_kd}: no case to learn from (no labelled case"
+                                 f"{'' if uses_teacher else ', and λ = 0 uses no unlabelled one'}; see data.site.labelled)")
     cases = _preload(labelled, load_transforms(data.preprocess, keys=("image", "label")))
     if unlabelled:
         cases += _preload(unlabelled, load_transforms(data.preprocess, keys=("image",)))
@@ -201,10 +226,15 @@ def train_student(
     from monai.data import Dataset
 
     crops = Dataset(cases, transform=Compose(chain))
-    batches = _crop_batches(crops, int(dcfg["batch_size"]), int(dcfg.get("num_workers", 0)))
+    # Labelled cases come first in ``cases``; distill.labelled_fraction sets their share of the crops.
+    weights = case_weights(len(labelled), len(unlabelled), dcfg.get("labelled_fraction"))
+    batches = _crop_batches(crops, int(dcfg["batch_size"]), int(dcfg.get("num_workers", 0)), weights)
 
+    # Pseudo-labels come from the teacher, so a λ = 0 student (no teacher) never has them.
     kd_loss = KDLoss(lambda_kd, kd_target=str(dcfg.get("kd_target", "logits")),
-                     temperature=float(dcfg.get("temperature", 1.0)), num_classes=num_classes)
+                     temperature=float(dcfg.get("temperature", 1.0)), num_classes=num_classes,
+                     pseudo_labels=bool(dcfg.get("pseudo_labels", False)) and cache is not None,
+                     kd_weighting=str(dcfg.get("kd_weighting", "uniform")))
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)
@@ -263,6 +293,8 @@ def train_student(
         wall_seconds=float(result.wall_s),
         params=count_params(model),
         history=list(result.history),
+        labelled=len(labelled),
+        unlabelled=len(unlabelled),
     )
 
 

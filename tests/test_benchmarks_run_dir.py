@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
-    cfg = load_config("demo", ["data.phantom_cases=3", "data.phantom_test_cases=0", "data.phantom_size=[64,64,32]",
+    cfg = load_config("demo", ["data.site.source=null", "data.phantom_cases=3", "data.phantom_test_cases=0", "data.phantom_size=[64,64,32]",
                                "data.val_fraction=0.34", "data.test_fraction=0.34"])
     data = prepare_data(cfg, run / "data", progress=False)
     ckpt = save_student(run / "students" / "unet_small" / "student.pt", build_student("unet_small", data.num_classes),

@@ -351,7 +351,7 @@ def test_the_pipeline_cache_stage_reruns_when_an_image_changes(phantom_dataset, 
     dataset = tmp_path / "dataset"
     shutil.copytree(phantom_dataset, dataset)  # the session's phantoms stay untouched
     teacher = write_teacher(tmp_path / "teacher.pt", load_dataset(dataset).labels)
-    cfg = load_config("demo", [f"data.source={dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
+    cfg = load_config("demo", ["data.site.source=null", f"data.source={dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
                                "teacher.roi_size=[32, 32, 32]", f"teacher.checkpoint_file={teacher}"])
     run_dir = tmp_path / "run"
 

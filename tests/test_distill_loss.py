@@ -126,3 +126,44 @@ def test_bad_inputs_are_refused():
         KDLoss(0.5)(as_t(s), None, as_t(y, torch.long))
     with pytest.raises(KDLossError, match="teacher_logits shape"):
         KDLoss(0.5)(as_t(s), as_t(t[:, :2]), as_t(y, torch.long))
+
+
+def test_pseudo_labels_put_unlabelled_cases_into_the_dice_ce_term():
+    """pseudo_labels=True: DiceCE over every case with the label it carries (the teacher's argmax for an
+    unlabelled one); False: over the labelled cases only. The KD term is the same either way."""
+    s, t, y = tiny_batch(seed=3, batch=3)
+    has = torch.tensor([True, False, False])
+    with_pseudo, parts = KDLoss(0.25, pseudo_labels=True)(as_t(s), as_t(t), as_t(y, torch.long), has)
+    without, parts_without = KDLoss(0.25)(as_t(s), as_t(t), as_t(y, torch.long), has)
+    kd = ((s - t) ** 2).mean()
+    assert parts["kd"] == pytest.approx(kd) and parts_without["kd"] == pytest.approx(kd)
+    assert parts["sup"] == pytest.approx(np_dice_ce(s, y), rel=1e-6)
+    assert parts_without["sup"] == pytest.approx(np_dice_ce(s[:1], y[:1]), rel=1e-6)
+    assert float(with_pseudo) == pytest.approx(0.25 * kd + 0.75 * np_dice_ce(s, y), rel=1e-6)
+    # A batch of unlabelled cases alone is supervised too, not left to the MSE.
+    _, only = KDLoss(0.5, pseudo_labels=True)(as_t(s), as_t(t), as_t(y, torch.long), torch.zeros(3, dtype=torch.bool))
+    assert only["sup"] == pytest.approx(np_dice_ce(s, y), rel=1e-6)
+
+
+def test_class_balanced_mse_gives_each_class_the_same_total_weight():
+    """90 % background, 10 % organ; the student is off by e on the organ voxels only. A uniform MSE sees 0.1 of
+    the error, a class-balanced one 0.5 (each class half the weight), with weights of mean 1 over the voxels."""
+    k, size = 2, (10, 4, 2)
+    label = np.zeros((1, 1, *size), dtype=np.int64)
+    label[:, :, 0] = 1                                   # 8 of 80 voxels are the organ
+    teacher = np.concatenate([np.where(label == 1, 0.0, 4.0), np.where(label == 1, 4.0, 0.0)], axis=1)
+    student = teacher + np.where(label == 1, 1.5, 0.0)  # error 1.5 on both channels of organ voxels
+    e2 = 1.5 ** 2
+    uniform = KDLoss(1.0).kd_term(as_t(student), as_t(teacher))
+    balanced = KDLoss(1.0, kd_weighting="class_balanced").kd_term(as_t(student), as_t(teacher), label=as_t(label, torch.long))
+    assert float(uniform) == pytest.approx(e2 * 0.1)
+    assert float(balanced) == pytest.approx(e2 * 0.5)
+    # Without a label the classes are the teacher's argmax (here the same map).
+    assert float(KDLoss(1.0, kd_weighting="class_balanced").kd_term(as_t(student), as_t(teacher))) == pytest.approx(e2 * 0.5)
+    # Padding (kd_mask 0) is neither counted nor weighted: mask out half the background, the organ's share holds.
+    mask = np.ones((1, 1, *size))
+    mask[:, :, 5:] = 0
+    masked = KDLoss(1.0, kd_weighting="class_balanced").kd_term(as_t(student), as_t(teacher), as_t(mask), as_t(label, torch.long))
+    assert float(masked) == pytest.approx(e2 * 0.5)
+    with pytest.raises(KDLossError, match="kd_weighting"):
+        KDLoss(0.5, kd_weighting="focal")

@@ -24,7 +24,7 @@ STEPS = 8
 def setup(phantom_dataset, tmp_path_factory):
     torch.set_num_threads(2)
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config("demo", [
+    cfg = load_config("demo", ["data.site.source=null", 
         f"data.source={phantom_dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]",
         "student.roi_size=[64, 32, 32]", "teacher.roi_size=[32, 32, 32]", "run.device=cpu",
         f"distill.steps={STEPS}", "distill.val_every=4", "distill.batch_size=1", "distill.warmup_steps=1",

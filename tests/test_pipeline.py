@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def overrides(phantom_dataset):
     return [
         f"data.source={phantom_dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
+        # The students' site (data.site): 3 phantoms of their own, 1 of them labelled.
+        "data.site.phantom_cases=3", "data.site.labelled=1", "data.phantom_size=[64,64,32]",
         "student.names=[unet_small]", "student.roi_size=[64, 32, 32]", "teacher.roi_size=[32, 32, 32]",
         "distill.steps=2", "distill.val_every=2", "distill.batch_size=1", "distill.warmup_steps=1",
         "export.enabled=false", "benchmark.enabled=false", "tune.enabled=false",
@@ -79,10 +81,19 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
                    "evaluation/metrics.json", "report.md", "report.json", "mlflow.db"):
         assert (run_dir / folder).exists(), folder
     cache_manifest = next((run_dir / "cache").glob("*/manifest.json"))
-    cached = len(data.train) + len(data.unlabelled)  # 2 training + 1 unlabelled case (data.test_fraction 0.2)
+    labelled, unlabelled = data.student_cases()  # the students' site: 1 labelled + 2 unlabelled phantoms
+    assert (len(labelled), len(unlabelled)) == (1, 2) and data.site["labels_withheld"] == 2
+    cached = len(labelled) + len(unlabelled)
     assert len(json.loads(cache_manifest.read_text())["entries"]) == cached
     text = (run_dir / "report.md").read_text()
     assert "mean Dice" in text and "unet_small (λ=0)" in text
+    # The report says what each student learnt from: the KD student the site's 1 + 2 cases, λ = 0 the labelled one.
+    assert report["site"]["labelled"] == 1 and report["site"]["unlabelled"] == 2
+    learnt = {(s["lambda_kd"] > 0): (s["labelled"], s["unlabelled"]) for s in report["students"]}
+    assert learnt == {True: (1, 2), False: (1, 0)}
+    assert all(s["train_minutes"] == pytest.approx(s["wall_seconds"] / 60, abs=0.01) for s in report["students"])
+    assert "| unet_small | 1 | 1 + 2 | 2 |" in text and "Students' own data (data.site, phantoms): 1 labelled + 2" in text
+    assert Path(report["curves"]).is_file() and report["curves"] in text
 
     # Cached against online distillation on this run: both modes train, the figures are consistent.
     from distill.mode_cost import measure_modes

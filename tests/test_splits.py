@@ -46,7 +46,7 @@ def test_prepared_data_scores_the_test_split_and_calibrates_on_training_cases(tm
     from configs import load_config
     from data.prepare import PreparedData, prepare_data
 
-    cfg = load_config("configs/demo.yaml", ["data.phantom_cases=8", "data.phantom_test_cases=1",
+    cfg = load_config("configs/demo.yaml", ["data.site.source=null", "data.phantom_cases=8", "data.phantom_test_cases=1",
                                              "data.phantom_size=[48,40,24]", "data.val_fraction=0.25",
                                              "data.test_fraction=0.25"])
     prepared = prepare_data(cfg, tmp_path / "data", progress=False)
@@ -78,3 +78,50 @@ def test_export_calibration_draws_only_from_the_cases_it_is_given(tmp_path):
     assert any(not (a == b).all() for (a, _), (b, _) in zip(one, other))
     with pytest.raises(ValueError, match="none of the given cases has a label"):
         case_crops([{"image": items[0]["image"]}], spec, [16, 16, 16], 2)
+
+
+def test_the_students_site_data_comes_from_another_seed_stream_with_a_chosen_number_of_labels(tmp_path):
+    """data.site: the teacher's corpus is split as before; the students learn from the site's cases (a seeded
+    choice of ``labelled`` keep their label), which are not the corpus's phantoms; the full-label regime gives
+    back the withheld labels."""
+    import nibabel as nib
+    import numpy as np
+
+    from configs import load_config
+    from data.prepare import DataStageError, PreparedData, prepare_data
+    from distill.kd_regimes import full_label_data
+
+    base = ["data.phantom_cases=6", "data.phantom_test_cases=1", "data.phantom_size=[48,40,24]",
+            "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    cfg = load_config("configs/demo.yaml", base + ["data.site.phantom_cases=5", "data.site.labelled=2"])
+    prepared = prepare_data(cfg, tmp_path / "data", progress=False)
+    labelled, unlabelled = prepared.student_cases()
+    assert (len(labelled), len(unlabelled)) == (2, 3)
+    assert all("label" in c for c in labelled) and not any("label" in c for c in unlabelled)
+    assert all(c["case_id"].startswith("site_") for c in labelled + unlabelled)
+    assert prepared.site["labels_withheld"] == 3 and prepared.site["seed"] == 1000
+    # Another seed stream: the site's first phantom is not the corpus's first phantom.
+    corpus_img = nib.load(str(tmp_path / "data" / "phantoms" / "imagesTr" / "phantom_000.nii.gz")).get_fdata()
+    site_img = nib.load(str(tmp_path / "data" / "site" / "imagesTr" / "phantom_000.nii.gz")).get_fdata()
+    assert not np.array_equal(corpus_img, site_img)
+    # Validation and test stay the corpus's; the teacher's training split is untouched by the site.
+    assert (len(prepared.train), len(prepared.val), len(prepared.test)) == (4, 1, 1)
+    assert PreparedData.load(tmp_path / "data" / "data.json").student_cases() == (labelled, unlabelled)
+    full = full_label_data(prepared)
+    assert len(full.site_labelled) == 5 and full.site_unlabelled == [] and full.student_cases()[0][0]["label"]
+    assert {c["case_id"] for c in full.site_labelled} == {c["case_id"] for c in labelled + unlabelled}
+    # Without a site the students learn from the corpus's training split and unlabelled cases.
+    plain = PreparedData(**{**prepared.__dict__, "site": None})
+    assert plain.student_cases() == (prepared.train, prepared.unlabelled)
+
+    with pytest.raises(DataStageError, match="phantom_seed=0 is the corpus's seed"):
+        prepare_data(load_config("configs/demo.yaml", base + ["data.site.phantom_seed=0"]), tmp_path / "d2", progress=False)
+    with pytest.raises(DataStageError, match=r"labelled=9.*has 5 labelled cases"):
+        prepare_data(load_config("configs/demo.yaml", base + ["data.site.phantom_cases=5", "data.site.labelled=9"]),
+                     tmp_path / "d3", progress=False)
+    # A site dataset with other classes than the corpus's is refused before anything trains on it.
+    from data.phantom import write_dataset
+
+    other = write_dataset(tmp_path / "gallbladder", cases=2, seed=3, size=(48, 40, 24), label_gallbladder=True)
+    with pytest.raises(DataStageError, match="differ from the corpus's"):
+        prepare_data(load_config("configs/demo.yaml", base + [f"data.site.source={other}"]), tmp_path / "d4", progress=False)

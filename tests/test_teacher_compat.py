@@ -124,7 +124,7 @@ def test_the_override_is_a_known_config_key_off_by_default():
 # -- where a teacher.pt enters: the pipeline's teacher and cache stages, online distillation -----------------------
 
 def _overrides(phantom_dataset):
-    return [f"data.source={phantom_dataset}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
+    return [f"data.source={phantom_dataset}", "data.site.source=null", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
             "teacher.roi_size=[32, 32, 32]", "student.names=[unet_small]", "student.roi_size=[64, 32, 32]"]
 
 

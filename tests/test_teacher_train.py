@@ -23,7 +23,7 @@ TINY_ARCH = {"embed_dim": 32, "num_heads": 2, "neck_dim": 16, "decoder_dim": 8, 
 
 
 def tiny_config(phantom_dataset):
-    cfg = load_config("demo", [
+    cfg = load_config("demo", ["data.site.source=null", 
         f"data.source={phantom_dataset}", "preprocess.spacing_mm=[10.0, 10.0, 10.0]", "run.device=cpu",
         "teacher.roi_size=[16, 16, 16]", "teacher.batch_size=2", "teacher.warmup_steps=1", "teacher.val_every=2",
         "teacher.steps=2",

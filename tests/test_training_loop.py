@@ -31,6 +31,9 @@ def test_fit_learns_the_toy_task_and_writes_loadable_best_and_last(tmp_path):
 
     losses = [h["train_loss"] for h in result.history]
     assert [h["step"] for h in result.history] == [20, 40, 60, 80]
+    # Training seconds up to each validation (for Dice-against-minutes curves): increasing, within the wall time.
+    seconds = [h["train_s"] for h in result.history]
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:])) and seconds[-1] <= result.wall_s
     assert losses[-1] < 0.5 * losses[0]
     assert result.best_metric > 0.9 and result.best_metric == max(h["dice"] for h in result.history)
     assert result.last_step == 80 and result.s_per_step > 0 and result.wall_s > 0

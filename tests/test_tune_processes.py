@@ -15,6 +15,7 @@ from tests.stand_in_teacher import ConvTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
+    "data.site.source=null",
     "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu", "student.names=[unet_small]",
     "student.roi_size=[32, 32, 32]", "teacher.roi_size=[32, 32, 32]", "distill.batch_size=1",
     "distill.warmup_steps=1", "tune.steps_per_trial=4", "tune.report_every=2",

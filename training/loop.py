@@ -173,7 +173,8 @@ class FitResult:
         best_metric: best validation Dice, None without validation.
         best_step: step of ``best_metric``.
         last_step: steps trained in total.
-        history: one dict per validation: ``step``, ``train_loss`` (mean since the previous one), metrics.
+        history: one dict per validation: ``step``, ``train_loss`` (mean since the previous one), ``train_s``
+            (training seconds up to that step, validation excluded), metrics.
         best_path: ``out_dir/best.pt`` if written.
         last_path: ``out_dir/last.pt``.
         wall_s: wall time of the whole run, across resumptions.
@@ -346,7 +347,8 @@ def fit(
                 train_s += time.perf_counter() - segment_start
                 with _validated_weights(ema, plain):
                     metrics = _validate_on_main(plain, val_fn, step, main)
-                entry = {"step": step, "train_loss": train_loss, **metrics}
+                # train_s: training seconds so far (validation excluded), for Dice-against-minutes curves.
+                entry = {"step": step, "train_loss": train_loss, "train_s": round(train_s, 2), **metrics}
                 history.append(entry)
                 improved = "dice" in metrics and metrics["dice"] > best
                 if improved:
