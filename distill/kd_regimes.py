@@ -14,8 +14,9 @@ with its own ``distill.*`` settings (``VARIANTS``), in ``<run>/regimes/<regime>/
 validation split picks its checkpoint, and the evaluation stage's code scores it once on the test split. The
 result is ``<run>/regimes/regimes.json``, a Markdown table (``regimes.md``) and validation Dice against training
 minutes for every run (``regimes_curves.png``). A finished (variant, steps) is not trained again; a longer budget
-continues the variant's run from its ``last.pt`` (the demo's schedule is constant after warm-up, so that is
-the same run as one trained for the longer budget from the start) and is recorded beside the shorter one.
+continues the variant's run from its ``last.pt`` (the demo's schedule is constant after warm-up, so the
+learning rate is that of a run trained for the longer budget from the start; the crop stream restarts, so the
+two runs are alike, not identical) and is recorded beside the shorter one.
 
 The data, teacher and cache are the pipeline's stages of the same run folder, so a teacher given with
 ``--teacher`` is checked against the data like any other, and its cache is built once for both regimes.

@@ -22,7 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def tiny_config(phantoms, *extra):
     """Tiny trials: a small U-Net student on 32³ crops, 2 steps, validated after each."""
-    return load_config("demo", ["data.site.source=null", 
+    return load_config("demo", [
+        "data.site.source=null", "tune.pruner_warmup_steps=0",  # 2-step trials: prune from the first report
         f"data.source={phantoms}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
         "student.names=[unet_small]", "student.roi_size=[32, 32, 32]", "teacher.roi_size=[32, 32, 32]",
         "distill.batch_size=1", "distill.warmup_steps=1",
