@@ -109,7 +109,9 @@ class PreparedData:
             raise DataStageError(f"{path}: not a data artifact ({exc})") from exc
 
 
-def _as_item(case: Mapping[str, Any], labelled: bool, prefix: str = "") -> dict:
+def case_item(case: Mapping[str, Any], labelled: bool, prefix: str = "") -> dict:
+    """A case as data.json lists it: ``{"case_id", "image"[, "label"]}`` with absolute paths; ``prefix`` goes
+    before the case id (the site's cases are ``site_...``, so they never collide with the corpus's in a cache)."""
     item = {"case_id": prefix + str(case["case_id"]), "image": str(Path(case["image"]).resolve())}
     if labelled:
         item["label"] = str(Path(case["label"]).resolve())
@@ -134,13 +136,9 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     dcfg = cfg["data"]
     seed = int(cfg.get("run", {}).get("seed", 0))
     source = str(dcfg.get("source", "phantoms"))
-    if source == "phantoms":
-        root = _phantoms(data_dir / "phantoms", int(dcfg["phantom_cases"]), int(dcfg.get("phantom_test_cases", 0)), seed,
-                         dcfg["phantom_size"], progress)
-    else:
-        root = Path(source).expanduser()
-        if not root.is_dir():
-            raise DataStageError(f"data.source={source!r}: not a folder (use 'phantoms' or a dataset folder)")
+    root = _dataset_root(source, "data.source", lambda: _phantoms(
+        data_dir / "phantoms", int(dcfg["phantom_cases"]), int(dcfg.get("phantom_test_cases", 0)), seed,
+        dcfg["phantom_size"], progress))
 
     dataset = load_dataset(root)
     dataset, noted = _checked(dataset, cfg)
@@ -148,15 +146,15 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     split = make_split(dataset, val_fraction=float(dcfg.get("val_fraction", 0.2)), seed=seed,
                        path=data_dir / "splits.json", test_fraction=test_fraction)
     by_id = {c["case_id"]: c for c in dataset.training}
-    train = [_as_item(by_id[i], True) for i in split["train"] if i in by_id]
-    val = [_as_item(by_id[i], True) for i in split["val"] if i in by_id]
-    test = [_as_item(by_id[i], True) for i in split["test"] if i in by_id]
+    train = [case_item(by_id[i], True) for i in split["train"] if i in by_id]
+    val = [case_item(by_id[i], True) for i in split["val"] if i in by_id]
+    test = [case_item(by_id[i], True) for i in split["test"] if i in by_id]
     if not train or not val:
         raise DataStageError(f"{root}: split gives {len(train)} training and {len(val)} validation cases; need >= 1 each")
     if test_fraction > 0 and not test:
         raise DataStageError(f"{root}: data.test_fraction={test_fraction} but the split holds no test case "
                              f"({len(dataset.training)} labelled cases)")
-    unlabelled = [_as_item(c, False) for c in dataset.test] if dcfg.get("use_unlabeled", True) else []
+    unlabelled = [case_item(c, False) for c in dataset.test] if dcfg.get("use_unlabeled", True) else []
 
     stats = None
     if cfg["preprocess"].get("intensity") == "percentile":
@@ -177,6 +175,17 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
             print(f"[data] students' site data ({prepared.site['source']}): {len(prepared.site_labelled)} labelled + "
                   f"{len(prepared.site_unlabelled)} unlabelled cases")
     return prepared
+
+
+def _dataset_root(source: str, key: str, phantoms: Any, choices: str = "'phantoms' or a dataset folder") -> Path:
+    """The dataset folder a ``source`` setting names: ``phantoms()`` (which writes them on first use) for
+    ``"phantoms"``, else the folder itself, refused by ``key`` when it is not one."""
+    if source == "phantoms":
+        return phantoms()
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise DataStageError(f"{key}={source!r}: not a folder (use {choices})")
+    return root
 
 
 def _phantoms(root: Path, cases: int, test_cases: int, seed: int, size: Any, progress: bool) -> Path:
@@ -220,18 +229,13 @@ def _add_site(prepared: PreparedData, cfg: Mapping[str, Any], data_dir: Path, pr
     scfg = cfg["data"]["site"]
     seed = int(cfg.get("run", {}).get("seed", 0))
     source = str(scfg["source"])
-    if source == "phantoms":
-        site_seed = int(scfg.get("phantom_seed", seed + 1000))
-        if site_seed == seed:
-            raise DataStageError(f"data.site.phantom_seed={site_seed} is the corpus's seed (run.seed): the site would "
-                                 "hold the teacher's own training phantoms; choose another seed")
-        root = _phantoms(data_dir / "site", int(scfg.get("phantom_cases", 40)), int(scfg.get("phantom_test_cases", 0)),
-                         site_seed, cfg["data"]["phantom_size"], progress)
-    else:
-        site_seed = None
-        root = Path(source).expanduser()
-        if not root.is_dir():
-            raise DataStageError(f"data.site.source={source!r}: not a folder (use null, 'phantoms' or a dataset folder)")
+    site_seed = int(scfg.get("phantom_seed", seed + 1000)) if source == "phantoms" else None
+    if site_seed == seed:
+        raise DataStageError(f"data.site.phantom_seed={site_seed} is the corpus's seed (run.seed): the site would "
+                             "hold the teacher's own training phantoms; choose another seed")
+    root = _dataset_root(source, "data.site.source", lambda: _phantoms(
+        data_dir / "site", int(scfg.get("phantom_cases", 40)), int(scfg.get("phantom_test_cases", 0)), site_seed,
+        cfg["data"]["phantom_size"], progress), choices="null, 'phantoms' or a dataset folder")
     dataset = load_dataset(root)
     site_labels = {int(k): str(v) for k, v in dataset.labels.items()}
     if site_labels != prepared.labels:
@@ -247,9 +251,9 @@ def _add_site(prepared: PreparedData, cfg: Mapping[str, Any], data_dir: Path, pr
     # The labelled subset is a seeded draw, so 8 of 40 are not simply the first 8 generated.
     order = np.random.default_rng(np.random.SeedSequence([seed, 77])).permutation(len(cases))
     keep = {cases[i]["case_id"] for i in order[:count]}
-    prepared.site_labelled = [_as_item(c, True, "site_") for c in cases if c["case_id"] in keep]
-    prepared.site_unlabelled = ([_as_item(c, False, "site_") for c in cases if c["case_id"] not in keep]
-                                + [_as_item(c, False, "site_") for c in dataset.test])
+    prepared.site_labelled = [case_item(c, True, "site_") for c in cases if c["case_id"] in keep]
+    prepared.site_unlabelled = ([case_item(c, False, "site_") for c in cases if c["case_id"] not in keep]
+                                + [case_item(c, False, "site_") for c in dataset.test])
     prepared.site = {"source": source, "root": str(Path(root).resolve()), "seed": site_seed,
                      "labelled": len(prepared.site_labelled), "unlabelled": len(prepared.site_unlabelled),
                      "labels_withheld": len(cases) - count}

@@ -24,6 +24,7 @@ The data, teacher and cache are the pipeline's stages of the same run folder, so
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -53,14 +54,14 @@ def full_label_data(data: Any) -> Any:
     """The same prepared data with every site case labelled (the ``full`` regime); the site's own unlabelled
     scans (``imagesTs``) stay unlabelled."""
     from data.dataset import load_dataset
-    from data.prepare import _as_item
+    from data.prepare import case_item
 
     if data.site is None:
         raise RegimeError("the full-label regime needs data.site (the students' own data); without it the students "
                           "already learn from every labelled training case")
     site = load_dataset(data.site["root"])
     by_id = {"site_" + str(c["case_id"]): c for c in site.training}
-    labelled = [_as_item(by_id[c["case_id"]], True, "site_") if c["case_id"] in by_id else c
+    labelled = [case_item(by_id[c["case_id"]], True, "site_")
                 for c in data.site_labelled + data.site_unlabelled if c["case_id"] in by_id]
     rest = [c for c in data.site_unlabelled if c["case_id"] not in by_id]
     site_info = {**data.site, "labelled": len(labelled), "unlabelled": len(rest), "labels_withheld": 0}
@@ -98,14 +99,13 @@ def run_regimes(cfg: Mapping[str, Any], run_dir: str | Path, variants: Sequence[
             cache_dir = pipeline.stage_cache(teacher_ckpt)
         for regime in regimes:
             rdata = datasets[regime]
-            labelled, unlabelled = rdata.student_cases()
             for variant in variants:
                 key = f"{regime}/{variant}@{steps}"
                 if key in results["runs"]:
                     print(f"[regimes] {key}: done (test Dice {results['runs'][key]['test_dice']:.3f})")
                     continue
                 lambda_kd, settings = VARIANTS[variant]
-                vcfg = json.loads(json.dumps(pipeline.cfg))
+                vcfg = copy.deepcopy(pipeline.cfg)
                 vcfg["distill"].update(settings)
                 out = out_root / regime / variant
                 start = time.perf_counter()
@@ -117,7 +117,7 @@ def run_regimes(cfg: Mapping[str, Any], run_dir: str | Path, variants: Sequence[
                 summary = scores["summary"]
                 results["runs"][key] = {
                     "regime": regime, "variant": variant, "student": name, "lambda_kd": lambda_kd, "settings": settings,
-                    "labelled": len(labelled), "unlabelled": len(unlabelled) if lambda_kd > 0 else 0,
+                    "labelled": result.labelled, "unlabelled": result.unlabelled,
                     "steps": steps, "train_minutes": round(wall / 60, 2), "seconds_per_step": result.seconds_per_step,
                     "best_val_dice": result.best_dice, "best_step": result.best_step, "split": scores["split"],
                     "test_cases": len(scores["case_ids"]), "test_dice": float(summary["mean"]["dice"]),

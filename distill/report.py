@@ -140,9 +140,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"| teacher | – | {splits.get('train', '–')} + 0 | {t['steps']} | {_fmt(t['train_minutes'], 1)} | "
                          f"{_fmt(t['best_dice'])} | {_fmt(t['seconds_per_step'], 2)} |")
         for s in report["students"]:
-            cases = f"{s.get('labelled', '–')} + {s.get('unlabelled', '–')}"
-            minutes = s.get("train_minutes", float(s.get("wall_seconds", 0.0)) / 60)
-            lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {cases} | {s['last_step']} | {_fmt(minutes, 1)} | "
+            lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {s['labelled']} + {s['unlabelled']} | {s['last_step']} | "
+                         f"{_fmt(s['train_minutes'], 1)} | "
                          f"{_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
         if report.get("curves"):
             lines += ["", f"Validation Dice against training minutes: {report['curves']}"]

@@ -17,7 +17,7 @@ def _data(tmp_path, cases, labelled, unlabelled, val):
     from configs import load_config
     from data.dataset import load_dataset
     from data.phantom import write_dataset
-    from data.prepare import PreparedData, _as_item
+    from data.prepare import PreparedData, case_item
     from data.stats import preprocess_spec
 
     cfg = load_config("demo", SPACING + ["data.site.source=null", "run.device=cpu"])
@@ -27,11 +27,11 @@ def _data(tmp_path, cases, labelled, unlabelled, val):
     assert labelled + unlabelled + val <= len(items)
     data = PreparedData(
         root=str(root), labels={int(k): v for k, v in ds.labels.items()}, preprocess=preprocess_spec(cfg["preprocess"]),
-        train=[_as_item(c, True) for c in items[:labelled]], val=[_as_item(c, True) for c in items[-val:]],
+        train=[case_item(c, True) for c in items[:labelled]], val=[case_item(c, True) for c in items[-val:]],
         site={"source": "phantoms", "root": str(root), "seed": 11, "labelled": labelled, "unlabelled": unlabelled,
               "labels_withheld": unlabelled},
-        site_labelled=[_as_item(c, True) for c in items[:labelled]],
-        site_unlabelled=[_as_item(c, False) for c in items[labelled:labelled + unlabelled]])
+        site_labelled=[case_item(c, True) for c in items[:labelled]],
+        site_unlabelled=[case_item(c, False) for c in items[labelled:labelled + unlabelled]])
     return cfg, data, {c["case_id"]: c for c in items}
 
 
