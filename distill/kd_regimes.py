@@ -1,7 +1,9 @@
 """Does distillation pay, and where? λ = 0 against KD students at equal steps, per label regime, on the test split.
 
-    python -m distill.kd_regimes --config configs/demo.yaml --teacher runs/demo/teacher/teacher.pt \\
-        --steps 400 [--variants lambda0 kd_pseudo ...] [--regimes few full] [key=value ...]
+    python -m distill.kd_regimes [key=value ...] --config configs/demo.yaml --teacher runs/demo/teacher/teacher.pt \\
+        --steps 400 [--variants lambda0 kd_pseudo ...] [--regimes few full]
+
+(The key=value overrides come before the options: ``--variants`` and ``--regimes`` take every word after them.)
 
 The scenario distillation is for (../shared/DESIGN.md, ``data.site``): the teacher was adapted on a labelled
 corpus; the students' site has a few labelled scans and many unlabelled ones. Two regimes of the same site:
@@ -28,7 +30,6 @@ import copy
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -108,24 +109,22 @@ def run_regimes(cfg: Mapping[str, Any], run_dir: str | Path, variants: Sequence[
                 vcfg = copy.deepcopy(pipeline.cfg)
                 vcfg["distill"].update(settings)
                 out = out_root / regime / variant
-                start = time.perf_counter()
                 result = train_student(vcfg, pipeline.run_dir, name, lambda_kd, teacher_ckpt, cache_dir,
                                        out_dir=out, steps=steps, data=rdata)
-                wall = time.perf_counter() - start
                 scores = evaluate_models({variant: {"kind": "student", "checkpoint": result.checkpoint}}, rdata, vcfg,
                                          out / "test", device=pipeline.device)[variant]
                 summary = scores["summary"]
                 results["runs"][key] = {
                     "regime": regime, "variant": variant, "student": name, "lambda_kd": lambda_kd, "settings": settings,
                     "labelled": result.labelled, "unlabelled": result.unlabelled,
-                    "steps": steps, "train_minutes": round(wall / 60, 2), "seconds_per_step": result.seconds_per_step,
+                    "steps": steps, "train_minutes": round(result.wall_seconds / 60, 2), "seconds_per_step": result.seconds_per_step,
                     "best_val_dice": result.best_dice, "best_step": result.best_step, "split": scores["split"],
                     "test_cases": len(scores["case_ids"]), "test_dice": float(summary["mean"]["dice"]),
                     "test_dice_per_class": {k: float(v["dice"]) for k, v in summary["per_class"].items()},
                     "history": [{k: h[k] for k in ("step", "dice", "train_s") if k in h} for h in result.history],
                 }
                 print(f"[regimes] {key}: λ={lambda_kd} {settings} -> test Dice {results['runs'][key]['test_dice']:.3f} "
-                      f"(best val {result.best_dice:.3f} at step {result.best_step}; {wall / 60:.1f} min)")
+                      f"(best val {result.best_dice:.3f} at step {result.best_step}; {result.wall_seconds / 60:.1f} min)")
                 _write(results, out_root)
     _write(results, out_root)
     return results

@@ -160,3 +160,29 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     assert load_checkpoint(Path(best["out_dir"]) / "last.pt")["step"] == 2
     assert [s["last_step"] for s in report["students"]] == [4, 4]
     assert {"unet_small", "unet_small (λ=0)"} <= set(report["models"])
+
+
+@pytest.mark.slow
+def test_kd_regimes_trains_each_variant_per_regime_scores_the_test_split_and_skips_what_is_done(phantom_dataset, tmp_path):
+    """distill.kd_regimes on the pipeline's stages: λ = 0 and KD in the few-label and the full-label regime of the
+    same site, each scored on the test split; a second call trains nothing."""
+    from configs import load_config
+    from distill.kd_regimes import run_regimes
+
+    torch.set_num_threads(2)
+    teacher = write_teacher(tmp_path / "teacher.pt", phantom_dataset)
+    cfg = load_config("demo", [o for o in overrides(phantom_dataset) if not o.startswith("distill.steps")]
+                      + [f"teacher.checkpoint_file={teacher}"])
+    results = run_regimes(cfg, tmp_path / "run", ["lambda0", "kd_pseudo"], ["few", "full"], steps=2, student="unet_small")
+    runs = results["runs"]
+    assert set(runs) == {"few/lambda0@2", "few/kd_pseudo@2", "full/lambda0@2", "full/kd_pseudo@2"}
+    # The site holds 3 phantoms, 1 labelled: λ = 0 learns from it alone, KD from all three; all of them labelled in full.
+    assert [(runs[k]["labelled"], runs[k]["unlabelled"]) for k in sorted(runs)] == [(1, 2), (1, 0), (3, 0), (3, 0)]
+    assert all(r["split"] == "test" and r["test_cases"] == 1 and r["steps"] == 2 for r in runs.values())
+    metrics = json.loads((tmp_path / "run" / "regimes" / "few" / "kd_pseudo" / "test" / "metrics.json").read_text())
+    assert runs["few/kd_pseudo@2"]["test_dice"] == pytest.approx(metrics["kd_pseudo"]["summary"]["mean"]["dice"])
+    out = tmp_path / "run" / "regimes"
+    assert (out / "regimes.md").read_text().count("\n") == 2 + len(runs) and (out / "regimes_curves.png").is_file()
+    before = {p: p.stat().st_mtime for p in out.rglob("student.pt")}
+    again = run_regimes(cfg, tmp_path / "run", ["lambda0", "kd_pseudo"], ["few", "full"], steps=2, student="unet_small")
+    assert again["runs"] == runs and {p: p.stat().st_mtime for p in out.rglob("student.pt")} == before
