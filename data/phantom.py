@@ -211,13 +211,29 @@ def _case_parameters(rng: np.random.Generator) -> dict:
     return p
 
 
-def _make_grid(size: Sequence[int], z_shift: float) -> _Grid:
-    spacing = tuple(f / n for f, n in zip(FIELD_OF_VIEW_MM, size))
+def field_of_view(size: Sequence[int], spacing_mm: Sequence[float] | None) -> tuple[float, float, float]:
+    """The field of view (mm) of a phantom: ``FIELD_OF_VIEW_MM``, or ``size × spacing_mm`` when a spacing is given."""
+    if spacing_mm is None:
+        return FIELD_OF_VIEW_MM
+    try:
+        spacing = tuple(float(v) for v in spacing_mm)
+    except (TypeError, ValueError) as exc:
+        raise PhantomError(f"phantom spacing must be three numbers (mm), got {spacing_mm!r}") from exc
+    if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise PhantomError(f"phantom spacing must be three positive numbers (mm), got {spacing_mm!r}")
+    return tuple(n * v for n, v in zip(size, spacing))  # type: ignore[return-value]
+
+
+def _make_grid(size: Sequence[int], z_shift: float, fov: Sequence[float] = FIELD_OF_VIEW_MM) -> _Grid:
+    """Voxel centres in the canonical frame. The anatomy always has the size it has in ``FIELD_OF_VIEW_MM``
+    (the training phantoms'); a larger field of view adds air around the body in x, y and more trunk in z,
+    with the anatomy centred, as a clinical CT of the same patient would."""
+    spacing = tuple(f / n for f, n in zip(fov, size))
     scale_xy = FIELD_OF_VIEW_MM[0] / (2 * _CANONICAL_HALF_WIDTH_MM)
     scale_z = FIELD_OF_VIEW_MM[2] / _CANONICAL_HEIGHT_MM
-    x = ((np.arange(size[0]) + 0.5) * spacing[0] - FIELD_OF_VIEW_MM[0] / 2) / scale_xy
-    y = ((np.arange(size[1]) + 0.5) * spacing[1] - FIELD_OF_VIEW_MM[1] / 2) / scale_xy
-    z = (np.arange(size[2]) + 0.5) * spacing[2] / scale_z + z_shift
+    x = ((np.arange(size[0]) + 0.5) * spacing[0] - fov[0] / 2) / scale_xy
+    y = ((np.arange(size[1]) + 0.5) * spacing[1] - fov[1] / 2) / scale_xy
+    z = ((np.arange(size[2]) + 0.5) * spacing[2] - (fov[2] - FIELD_OF_VIEW_MM[2]) / 2) / scale_z + z_shift
     return _Grid(x.astype(np.float32), y.astype(np.float32), z.astype(np.float32), spacing)
 
 
@@ -367,7 +383,8 @@ def _paint_organs(c: _Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray
     c.paint(box, (level < 1.0) & (c.label[box] == 0), textured(box, hu["portal"], 0.5), 0)
 
 
-def phantom_affine(size: Sequence[int], origin_offset: Sequence[float] = (0.0, 0.0, -500.0)) -> np.ndarray:
+def phantom_affine(size: Sequence[int], origin_offset: Sequence[float] = (0.0, 0.0, -500.0),
+                   fov: Sequence[float] = FIELD_OF_VIEW_MM) -> np.ndarray:
     """LPS-ordered voxel-to-RAS-world affine of a phantom array, as DICOM-derived NIfTI usually has.
 
     Voxel axis 0 runs towards the patient's left, axis 1 towards posterior, axis 2 towards superior.
@@ -375,11 +392,12 @@ def phantom_affine(size: Sequence[int], origin_offset: Sequence[float] = (0.0, 0
     Args:
         size: voxel counts (X, Y, Z) of the stored array.
         origin_offset: world position (mm) of the field-of-view centre in x, y and of its inferior edge in z.
+        fov: field of view (mm), :func:`field_of_view`.
     """
-    spacing = [f / n for f, n in zip(FIELD_OF_VIEW_MM, size)]
+    spacing = [f / n for f, n in zip(fov, size)]
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[0, 3] = origin_offset[0] + FIELD_OF_VIEW_MM[0] / 2 - spacing[0] / 2
-    affine[1, 3] = origin_offset[1] + FIELD_OF_VIEW_MM[1] / 2 - spacing[1] / 2
+    affine[0, 3] = origin_offset[0] + fov[0] / 2 - spacing[0] / 2
+    affine[1, 3] = origin_offset[1] + fov[1] / 2 - spacing[1] / 2
     affine[2, 3] = origin_offset[2] + spacing[2] / 2
     return affine
 
@@ -395,13 +413,15 @@ def _validate_size(size: Sequence[int]) -> tuple[int, int, int]:
 
 
 def make_phantom(rng_or_seed: int | np.random.Generator, size: Sequence[int] = DEFAULT_SIZE, *,
-                 label_gallbladder: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 label_gallbladder: bool = False, spacing_mm: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate one synthetic abdominal CT case.
 
     Args:
         rng_or_seed: an integer seed or a numpy Generator; the same seed gives byte-identical arrays.
-        size: voxel counts (X, Y, Z); the physical field of view stays 204.8 x 204.8 x 240 mm.
+        size: voxel counts (X, Y, Z); the physical field of view is 204.8 x 204.8 x 240 mm unless ``spacing_mm``.
         label_gallbladder: label the gallbladder as class 8 (otherwise it is unlabelled tissue).
+        spacing_mm: voxel spacing; the field of view is then ``size × spacing_mm`` (e.g. a clinical-size CT,
+            512 x 512 x 200 at 0.8 x 0.8 x 2.5 mm), with the anatomy at its usual size, centred.
 
     Returns:
         image_hu: int16 array (X, Y, Z) in Hounsfield units, stored LPS-ordered (see ``phantom_affine``).
@@ -411,7 +431,8 @@ def make_phantom(rng_or_seed: int | np.random.Generator, size: Sequence[int] = D
     size = _validate_size(size)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     p = _case_parameters(rng)
-    grid = _make_grid(size, p["z_shift"])
+    fov = field_of_view(size, spacing_mm)
+    grid = _make_grid(size, p["z_shift"], fov)
     shape_noise = _smooth_noise(rng, size, grid.spacing_mm, 12.0)
     bowel_field = _smooth_noise(rng, size, grid.spacing_mm, 16.0)
     fine = _smooth_noise(rng, size, grid.spacing_mm, 3.0)
@@ -431,7 +452,7 @@ def make_phantom(rng_or_seed: int | np.random.Generator, size: Sequence[int] = D
     image = np.ascontiguousarray(image[::-1, ::-1, :])
     label = np.ascontiguousarray(label[::-1, ::-1, :])
     offset = (p["origin"][0], p["origin"][1], p["origin"][2])
-    return image, label, phantom_affine(size, offset)
+    return image, label, phantom_affine(size, offset, fov)
 
 
 def dataset_labels(label_gallbladder: bool = False) -> dict[int, str]:
@@ -458,7 +479,7 @@ def case_rng(seed: int, split: int, index: int) -> np.random.Generator:
 
 def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int = 0,
                   size: Sequence[int] = DEFAULT_SIZE, preview: bool = False, *, label_gallbladder: bool = False,
-                  verbose: bool = False) -> Path:
+                  verbose: bool = False, spacing_mm: Sequence[float] | None = None) -> Path:
     """Write an MSD-layout phantom dataset (imagesTr, labelsTr, imagesTs, dataset.json) under ``root``.
 
     Args:
@@ -470,6 +491,7 @@ def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int =
         preview: also write preview.png, a contact sheet of slices with label overlays.
         label_gallbladder: label the gallbladder as class 8.
         verbose: print one line per case and summary statistics.
+        spacing_mm: voxel spacing (field of view ``size × spacing_mm``); ``None``: the default field of view.
 
     Returns:
         The dataset root.
@@ -477,6 +499,7 @@ def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int =
     if int(cases) < 1 or int(test_cases) < 0:
         raise PhantomError(f"need cases >= 1 and test_cases >= 0, got cases={cases}, test_cases={test_cases}")
     size = _validate_size(size)
+    fov = field_of_view(size, spacing_mm)
     root = Path(root)
     labels = dataset_labels(label_gallbladder)
     training, test = [], []
@@ -487,7 +510,8 @@ def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int =
         for i in range(count):
             case_id = f"phantom_{i:03d}" if split == 0 else f"phantom_ts_{i:03d}"
             t0 = time.perf_counter()
-            image, label, affine = make_phantom(case_rng(seed, split, i), size, label_gallbladder=label_gallbladder)
+            image, label, affine = make_phantom(case_rng(seed, split, i), size, label_gallbladder=label_gallbladder,
+                                                spacing_mm=spacing_mm)
             seconds = time.perf_counter() - t0
             image_rel = f"./imagesTr/{case_id}.nii.gz" if split == 0 else f"./imagesTs/{case_id}.nii.gz"
             _save_nifti(image, affine, root / image_rel)
@@ -524,7 +548,7 @@ def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int =
         # Lets a pipeline tell whether an existing phantom dataset matches the one it would generate.
         "generator": {"name": "data.phantom", "version": PHANTOM_VERSION, "seed": int(seed), "cases": int(cases),
                       "test_cases": int(test_cases), "size": list(size), "label_gallbladder": bool(label_gallbladder),
-                      "field_of_view_mm": list(FIELD_OF_VIEW_MM)},
+                      "field_of_view_mm": [round(f, 4) for f in fov]},
     }
     write_json_atomic(root / "dataset.json", info)
     if preview and previews:
@@ -602,12 +626,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=0, help="unlabelled cases (imagesTs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, nargs=3, default=list(DEFAULT_SIZE), metavar=("X", "Y", "Z"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+                        help="voxel spacing in mm (field of view = size x spacing, anatomy at its usual size), "
+                             "e.g. --size 512 512 200 --spacing 0.8 0.8 2.5 for a clinical-size CT")
     parser.add_argument("--preview", action="store_true", help="write preview.png")
     parser.add_argument("--gallbladder", action="store_true", help="label the gallbladder as class 8")
     args = parser.parse_args(argv)
     try:
         write_dataset(args.out, args.cases, args.test_cases, args.seed, args.size, args.preview,
-                      label_gallbladder=args.gallbladder, verbose=True)
+                      label_gallbladder=args.gallbladder, verbose=True, spacing_mm=args.spacing)
     except PhantomError as exc:
         parser.error(str(exc))
     return 0
