@@ -25,13 +25,14 @@ from typing import Any, Sequence
 
 from benchmarks import report
 from benchmarks.accuracy import score_masks
+from benchmarks.ct import CT_SEED, CT_SIZE, CT_SPACING_MM, clinical_phantom
 from benchmarks.crosscheck import CrossCheckError, run_benchmark_app
 from benchmarks.measure import MeasureError, run_module_in_subprocess
 from benchmarks.peak import cpu_supports_bf16, measure_peaks
 from benchmarks.runtimes import PRECISIONS, RUNTIMES, available, model_files
 from benchmarks.volume import resampled_shape, sliding_window_count
 
-WORKLOADS = ("patch", "volume")
+WORKLOADS = ("patch", "volume", "ct")
 
 
 class BenchmarkConfigError(ValueError):
@@ -264,7 +265,7 @@ def plan_rows(entries: Sequence[ModelEntry], threads: Sequence[int], workloads: 
                 for precision in (p for p in PRECISIONS if p in precisions):
                     if not available(d, runtime, precision, bf16_native):
                         continue
-                    if workload == "volume" and runtime != "pytorch" and not entry.bundle:
+                    if workload in ("volume", "ct") and runtime != "pytorch" and not entry.bundle:
                         continue
                     for t in threads:
                         rows.append({"model": entry.name, "runtime": runtime, "precision": precision, "threads": int(t), "workload": workload})
@@ -325,7 +326,7 @@ def run_benchmarks(
         bundles: deploy bundle folders.
         out_dir: report folder.
         threads: thread counts, each measured for every row.
-        workloads: ``patch`` and/or ``volume``.
+        workloads: ``patch``, ``volume`` and/or ``ct`` (clinical-size CT end to end, ``benchmarks.ct``).
         runtimes: subset of ``pytorch``, ``onnxruntime``, ``openvino``.
         precisions: subset of ``fp32``, ``bf16``, ``int8``.
         quick: few repeats and a small volume (a few minutes on 2 cores).
@@ -406,6 +407,15 @@ def run_benchmarks(
             if volume_path is None and phantoms is None:
                 phantoms = _phantom_dataset(tmp / "volume", quick, cases=1)
             volume_path, volume_info = _volume(volume_path, phantoms)
+        ct_info: dict[str, Any] = {}
+        if "ct" in workloads:
+            ct_image, ct_label = clinical_phantom(out_dir / "ct_phantom")
+            _, ct_info = _volume(ct_image, None)
+            ct_info["source"] = f"clinical-size phantom (data.phantom, seed {CT_SEED})"
+            ct_info["description"] = (f"{ct_info['source']}, {CT_SIZE[0]}×{CT_SIZE[1]}×{CT_SIZE[2]} voxels at "
+                                      f"{list(CT_SPACING_MM)} mm")
+            ct_info["label"] = str(ct_label)
+        warm_c, rep_c = (0, 1) if quick else (1, 3)
         warm_p, rep_p = (1, 3) if quick else (3, 20)
         warm_v, rep_v = (1, 2) if quick else (1, 5)
         if warmup is not None:
@@ -421,6 +431,11 @@ def run_benchmarks(
             spec: dict[str, Any] = {**plan, "entry": entry.as_dict()}
             if plan["workload"] == "patch":
                 spec.update(roi_size=entry.roi_size, batch=1, warmup=warm_p, repeats=rep_p)
+            elif plan["workload"] == "ct":
+                spec.update(volume_path=ct_info["path"], bundle=entry.bundle, warmup=warm_c, repeats=rep_c)
+                if (entry.torch or {}).get("kind") != "arch" or plan["runtime"] != "pytorch":
+                    spec.update(dice_cases=[[ct_info["path"], ct_info["label"]]],
+                                pred_dir=str(tmp / "pred" / f"row{len(rows):03d}_ct"))
             else:
                 spec.update(volume_path=str(volume_path), bundle=entry.bundle, warmup=warm_v, repeats=rep_v)
                 key = (plan["model"], plan["runtime"], plan["precision"])
@@ -437,18 +452,23 @@ def run_benchmarks(
                 if progress:
                     print(f"[bench] {notes[-1]}")
                 continue
-            if result.get("pred_paths"):
+            if result.get("pred_paths") and plan["workload"] == "ct":
+                dice_done[(plan["model"], plan["runtime"], plan["precision"], "ct")] = score_masks(
+                    result["pred_paths"], [(ct_info["path"], ct_info["label"])], entry.labels or {}, nsd_tolerance_mm)
+            elif result.get("pred_paths"):
                 dice_done[(plan["model"], plan["runtime"], plan["precision"])] = score_masks(
                     result["pred_paths"], dice_cases, entry.labels or {}, nsd_tolerance_mm)
-            rows.append(_row(plan, entry, result, volume_info))
+            rows.append(_row(plan, entry, result, ct_info if plan["workload"] == "ct" else volume_info))
             if progress:
                 r = rows[-1]
                 print(f"[bench] {r['model']} {r['runtime']} {r['precision']} t{r['threads']} {r['workload']}: "
                       f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB "
                       f"(row {time.perf_counter() - row_started:.1f} s{', with Dice' if result.get('pred_paths') else ''})")
         for r in rows:
-            scores = dice_done.get((r["model"], r["runtime"], r["precision"]), {})
+            key = (r["model"], r["runtime"], r["precision"]) + (("ct",) if r["workload"] == "ct" else ())
+            scores = dice_done.get(key, {})
             r["dice"], r["nsd"] = scores.get("dice"), scores.get("nsd")
+        _ct_windows(rows, by_name)
         _ratios(rows, {k: v for k, v in ((k, p.gflops) for k, p in peaks.items())})
 
         check_started = time.perf_counter()
@@ -462,13 +482,22 @@ def run_benchmarks(
         workload_text["volume"] = (
             f"one CT volume end to end (load, preprocess, sliding window, postprocess, save): {volume_info['description']}; "
             "throughput in volumes/min; GFLOPs = per-patch GFLOPs × windows")
+    if "ct" in workloads:
+        workload_text["ct"] = (
+            f"a clinical-size CT end to end: {ct_info['description']}. Deployed rows: `python -m deploy.infer` in a "
+            "fresh process, command to mask on disk (interpreter, bundle check and compile, gzip read, checks, "
+            "resampling, windows, resampling back, write); PyTorch rows: model load + segment_file in-process (no "
+            "interpreter start). Dice/NSD: of this CT's own mask against its label (not the test split); "
+            "GFLOPs = per-patch GFLOPs × the windows the body box needs; throughput in volumes/min")
+        notes.append("ct rows' Dice is that one CT's: the goal is the deployed rows within 0.5 Dice points of the "
+                     "PyTorch FP32 row of the same model.")
     machine = report.machine_info()
     peak_dicts = [p.as_dict() for p in peaks.values()]
     files = {
         "csv": report.write_csv(rows, out_dir / "benchmark.csv"),
         "markdown": report.write_markdown(rows, out_dir / "report.md", machine, peak_dicts, workload_text, cross_checks, notes),
         "machine": report.write_machine_json(out_dir / "machine.json", machine, peak_dicts,
-                                             {"volume": volume_info, "cross_checks": cross_checks}),
+                                             {"volume": volume_info, "ct": ct_info, "cross_checks": cross_checks}),
     }
     for workload in workloads:
         if any(r["workload"] == workload for r in rows):
@@ -557,6 +586,10 @@ def _row(plan: dict, entry: ModelEntry, result: dict, volume_info: dict) -> dict
     gflops = entry.gflops
     if plan["workload"] == "patch":
         throughput, unit, shape = 1000.0 / timing["p50_ms"], "patches/s", "1x1x" + "x".join(map(str, entry.roi_size))
+    elif plan["workload"] == "ct":
+        throughput, unit = 60000.0 / timing["p50_ms"], "volumes/min"
+        shape = "x".join(map(str, volume_info["shape"]))
+        gflops = gflops * result["windows"] if gflops is not None and result.get("windows") else None
     else:
         throughput, unit = 60000.0 / timing["p50_ms"], "volumes/min"
         shape = "x".join(map(str, volume_info["shape"]))
@@ -569,8 +602,22 @@ def _row(plan: dict, entry: ModelEntry, result: dict, volume_info: dict) -> dict
         "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_mb, "gflops": gflops,
         "pct_of_peak": None, "speedup_vs_eager": None, "dice": None, "nsd": None,
         "throughput_unit": unit, "base_rss_mb": result["base_rss_mb"], "runs": timing["runs"],
-        "input_shape": shape, "note": f"load {result['load_ms']:.0f} ms",
+        "input_shape": shape, "note": f"load {result['load_ms']:.0f} ms" + (
+            f", segment {result['segment_ms']:.0f} ms, {result['windows'] or '?'} windows" if plan["workload"] == "ct" else ""),
+        "windows": result.get("windows"),
     }
+
+
+def _ct_windows(rows: list[dict], by_name: dict[str, ModelEntry]) -> None:
+    """Eager ct rows do not report their window count; it is the deployed rows' of the same model (same
+    preprocessing, same body box), so their GFLOPs and % of peak are filled from it."""
+    for r in rows:
+        if r["workload"] != "ct" or r.get("windows"):
+            continue
+        windows = next((o["windows"] for o in rows if o["workload"] == "ct" and o["model"] == r["model"] and o.get("windows")), None)
+        entry = by_name.get(r["model"])
+        if windows and entry is not None and entry.gflops is not None:
+            r["windows"], r["gflops"] = windows, entry.gflops * windows
 
 
 def _ratios(rows: list[dict], peaks: dict[tuple[str, int], float]) -> None:
@@ -617,7 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="pipeline run folder (teacher, bundles, validation split)")
     parser.add_argument("--bundle", action="append", default=[], help="deploy bundle folder (repeatable)")
     parser.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
-    parser.add_argument("--workloads", default="patch,volume", help="patch,volume")
+    parser.add_argument("--workloads", default="patch,volume",
+                        help="comma-separated subset of patch,volume,ct (ct: a 512x512x200 CT at 0.8x0.8x2.5 mm "
+                             "end to end through deploy.infer)")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="subset of " + ",".join(RUNTIMES))
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="subset of " + ",".join(PRECISIONS))
     parser.add_argument("--volume", help="NIfTI volume for the volume workload (default: a phantom)")

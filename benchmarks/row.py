@@ -4,8 +4,9 @@ A fresh process per row keeps rows independent (one runtime's thread pool or all
 colour the next row) and makes its peak RSS that of this row alone.
 
 Spec keys: ``entry`` (model entry dict), ``runtime``, ``precision``, ``threads``, ``workload``
-(``"patch"`` or ``"volume"``), ``warmup``, ``repeats``; patch rows: ``roi_size``, ``batch``; volume rows:
-``volume_path`` (NIfTI) and ``bundle`` (deploy bundle folder, for onnxruntime/openvino); optional
+(``"patch"``, ``"volume"`` or ``"ct"``), ``warmup``, ``repeats``; patch rows: ``roi_size``, ``batch``; volume rows:
+``volume_path`` (NIfTI) and ``bundle`` (deploy bundle folder, for onnxruntime/openvino); ct rows the same
+(``benchmarks.ct``: a fresh ``deploy.infer`` process per call for deployed runtimes); optional
 ``dice_cases`` (list of ``[image, label]`` NIfTI paths) with ``pred_dir``: after timing, the row segments
 each case into ``pred_dir`` and the harness scores the masks (``benchmarks.accuracy``) in its own process.
 """
@@ -77,12 +78,55 @@ def measure_row(spec: dict) -> dict:
                 out_path = pred_dir / f"{i:03d}_{Path(image_path).name}"
                 segment(image_path, out_path)
                 result["pred_paths"].append(str(out_path))
+    elif spec["workload"] == "ct":
+        timing, extra = _ct_row(spec, runtime, precision, threads)
+        result.update(extra)
     else:
-        raise ValueError(f"unknown workload {spec['workload']!r} (patch | volume)")
+        raise ValueError(f"unknown workload {spec['workload']!r} (patch | volume | ct)")
     result["timing"] = timing.as_dict()
     result["base_rss_mb"] = base_rss
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = max(peak_rss_mb(), result.pop("child_peak_rss_mb", 0.0) or 0.0)
     return result
+
+
+def _ct_row(spec: dict, runtime: str, precision: str, threads: int):
+    """Time the clinical-size CT end to end (``benchmarks.ct``); the last repeat's mask is kept for Dice."""
+    import shutil
+
+    from benchmarks.ct import deploy_infer
+    from benchmarks.measure import timing_from_samples
+
+    volume = spec["volume_path"]
+    extra: dict = {}
+    samples, reports = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_ct_") as tmp:
+        out_path = Path(tmp) / "mask.nii.gz"
+        for i in range(int(spec["warmup"]) + int(spec["repeats"])):
+            if runtime == "pytorch":
+                start = time.perf_counter()
+                segment = volume_segmenter(spec["entry"], runtime, precision, threads, None)
+                loaded = time.perf_counter()
+                segment(volume, out_path)
+                wall = time.perf_counter() - start
+                report = {"seconds": {"load": loaded - start, "segment": wall - loaded + start}, "windows": None}
+            else:
+                report = deploy_infer(spec["bundle"], volume, out_path, runtime, precision, threads)
+                wall = report["wall_s"]
+            if i >= int(spec["warmup"]):
+                samples.append(wall * 1000.0)
+                reports.append(report)
+        if spec.get("dice_cases"):
+            pred_dir = Path(spec["pred_dir"])
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            kept = pred_dir / f"000_{Path(volume).name}"
+            shutil.copyfile(out_path, kept)
+            extra["pred_paths"] = [str(kept)]
+    last = reports[-1]
+    extra["load_ms"] = 1000.0 * float(last["seconds"]["load"])
+    extra["segment_ms"] = 1000.0 * float(last["seconds"]["segment"])
+    extra["windows"] = last.get("windows")
+    extra["child_peak_rss_mb"] = max((r.get("peak_rss_mb") or 0.0) for r in reports)
+    return timing_from_samples(samples), extra
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,13 @@
 """Command line of the edge runtime::
 
     python -m deploy.infer --bundle BUNDLE --input ct.nii.gz --output mask.nii.gz \
-        [--runtime openvino|onnxruntime] [--precision fp32|bf16|int8] [--threads N] [--overlap F] [--overlay out.png] \
-        [--report result.json] [--force]
+        [--runtime auto|openvino|onnxruntime] [--precision auto|fp32|bf16|int8] [--threads N] [--overlap F] \
+        [--overlay out.png] [--report result.json] [--force] [--no-cache]
+
+``auto`` (the default of both): the fastest model the bundle offers whose recorded Dice is within the
+export's bound of FP32, measured on this machine once and cached (``deploy.autoselect``); the choice and
+its figures are printed. Compiled OpenVINO models are cached per machine too (``deploy.machine``), so a
+second run loads instead of compiling; ``--no-cache`` measures and compiles afresh and writes nothing.
 
 Every input is checked first (deploy.plausibility): a volume that does not look like the CT the model was
 trained for (not in HU, no body, far too small for the model's window) is refused with exit code 2 and no
@@ -15,6 +20,7 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from typing import Any, Sequence
 
 from deploy.errors import DeployError, ImplausibleInputError, ImplausibleInputWarning
@@ -23,13 +29,29 @@ from deploy.segmenter import Segmenter
 from deploy.volume_io import write_json_report
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux ``VmHWM``), in MiB; ``None`` where /proc is absent."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.infer", description="Segment a CT NIfTI with a deploy bundle.")
     parser.add_argument("--bundle", required=True, help="bundle folder (model.json + model files)")
     parser.add_argument("--input", required=True, help="CT volume (.nii / .nii.gz)")
     parser.add_argument("--output", required=True, help="label mask to write (.nii / .nii.gz)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default="openvino")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--runtime", choices=("auto", *RUNTIMES), default="auto",
+                        help="auto (default): the fastest qualifying one on this machine, measured once and cached")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="auto (default): the fastest whose recorded Dice is within the bundle's bound of FP32")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not read or write the per-machine cache (compiled models, the auto choice)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--overlap", type=float, default=None, help="window overlap (default: the bundle's)")
     parser.add_argument("--overlay", default=None, help="optional PNG of a few axial slices with the mask")
@@ -51,8 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         start = time.perf_counter()
-        segmenter = Segmenter(args.bundle, args.runtime, args.precision, args.threads, args.overlap)
+        segmenter = Segmenter(args.bundle, args.runtime, args.precision, args.threads, args.overlap,
+                              compile_cache=not args.no_cache)
         loaded = time.perf_counter()
+        report.update(runtime=segmenter.runtime, precision=segmenter.precision)
+        if segmenter.choice is not None:
+            print(segmenter.choice.summary())
+            report["choice"] = asdict(segmenter.choice)
         with warnings.catch_warnings():
             # reported below from the assessment, once, to stderr and the report
             warnings.simplefilter("ignore", ImplausibleInputWarning)
@@ -75,9 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = check.verdict if check is not None else "not checked"
     codes = sorted({f.code for f in check.findings}) if check is not None else []
     report.update(status="segmented", input_check=check.as_dict() if check is not None else None, warnings=messages,
-                  shape=list(labels.shape), voxels_per_class=counts,
-                  seconds={"load": round(loaded - start, 3), "segment": round(done - loaded, 3)})
-    print(f"{args.output}: shape {labels.shape}, {args.runtime}/{args.precision}, "
+                  shape=list(labels.shape), voxels_per_class=counts, windows=segmenter.last_windows,
+                  seconds={"load": round(loaded - start, 3), "segment": round(done - loaded, 3)},
+                  peak_rss_mb=peak_rss_mb())
+    print(f"{args.output}: shape {labels.shape}, {segmenter.runtime}/{segmenter.precision}, "
           f"load {loaded - start:.2f}s, segment {done - loaded:.2f}s; voxels per class {counts}; "
           f"input check: {verdict}{' (' + ', '.join(codes) + ')' if codes else ''}")
     return finish(0)

@@ -15,7 +15,7 @@ from deploy.geometry import labels_to_source, logits_to_source, to_model_grid
 from deploy.intensity import apply_intensity, check_intensity
 from deploy.plausibility import BODY_THRESHOLD_HU, Assessment, assess_ct
 from deploy.runtime import ModelSession
-from deploy.sliding_window import sliding_window_logits
+from deploy.sliding_window import sliding_window_logits, window_count
 from deploy.volume_io import check_volume, read_volume, write_mask
 
 
@@ -35,24 +35,35 @@ class Segmenter:
 
     Args:
         bundle_dir: a folder written by ``export.build_bundle``; its checksums are verified.
-        runtime: ``"openvino"`` or ``"onnxruntime"``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        runtime: ``"openvino"``, ``"onnxruntime"`` or ``"auto"``.
+        precision: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"auto"``. With ``"auto"`` in either, the device picks
+            the fastest model the bundle offers whose recorded Dice is within the export's bound of FP32,
+            measured once and cached per machine (``deploy.autoselect``); ``choice`` holds what it picked and why.
         threads: inference threads (``None``: the runtime's default).
         overlap: window overlap; ``None`` uses the bundle's.
         batch_size: windows per call (``None``: the bundle's static batch, or 1 if dynamic).
         resample_back: ``"logits"`` (linear, smoother boundaries) or ``"labels"`` (nearest neighbour on the
             argmax, exactly what MONAI ``Invertd`` does in evaluation).
+        compile_cache: keep compiled OpenVINO models (and the auto choice) in the machine's cache folder
+            (``deploy.machine``): the next process loads instead of compiling.
     """
 
     def __init__(self, bundle_dir: str | Path, runtime: str = "openvino", precision: str = "fp32",
                  threads: int | None = None, overlap: float | None = None, batch_size: int | None = None,
-                 resample_back: str = "logits"):
+                 resample_back: str = "logits", compile_cache: bool = False):
         self.bundle_dir = Path(bundle_dir)
         self._configure(load_bundle(bundle_dir), str(self.bundle_dir / "model.json"), overlap, resample_back)
         static = self.bundle.get("batch", 1)
         self.batch_size = int(batch_size or (1 if static == "dynamic" else static))
         self.threads = threads
-        self.session = ModelSession(self.bundle, runtime, precision, threads, self.batch_size)
+        self.choice = None
+        if runtime == "auto" or precision == "auto":
+            from deploy.autoselect import choose
+
+            self.choice = choose(self.bundle, threads, runtime, precision, use_cache=compile_cache)
+            runtime, precision = self.choice.runtime, self.choice.precision
+        self.runtime, self.precision = runtime, precision
+        self.session = ModelSession(self.bundle, runtime, precision, threads, self.batch_size, compile_cache=compile_cache)
 
     @classmethod
     def with_predictor(cls, manifest: dict[str, Any], predictor, source: str = "manifest", overlap: float | None = None,
@@ -96,6 +107,7 @@ class Segmenter:
             raise DeployError(f"overlap must be in [0, 1), got {self.overlap}")
         self.roi_size = self.bundle["roi_size"]
         self.last_check: Assessment | None = None
+        self.last_windows: int | None = None  # sliding-window positions of the last volume
         self.num_classes = self.bundle["num_classes"]
         self.labels = self.bundle["labels"]
         crop = self.bundle.get("crop_foreground")
@@ -152,6 +164,7 @@ class Segmenter:
         resampled, geometry = to_model_grid(image, affine, self.spacing_mm, self.axcodes)
         box = body_box(resampled, *self.crop) if self.crop else tuple(slice(0, s) for s in resampled.shape)
         model_input = apply_intensity(resampled[box], self.intensity)[None]
+        self.last_windows = window_count(model_input.shape[1:], self.roi_size, self.overlap)
         logits = sliding_window_logits(model_input, self.session, self.roi_size, self.num_classes,
                                        self.overlap, self.batch_size)
         if self.crop:

@@ -47,6 +47,14 @@ def window_starts(image_size: int, roi: int, overlap: float) -> list[int]:
     return [i * interval - max(i * interval + roi - image_size, 0) for i in range(n)]
 
 
+def window_count(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows :func:`sliding_window_logits` runs on an ``X x Y x Z`` volume (padded up to the ROI)."""
+    count = 1
+    for s, r in zip(shape, roi_size):
+        count *= len(window_starts(max(int(s), int(r)), int(r), overlap))
+    return count
+
+
 def sliding_window_logits(
     image: np.ndarray,
     predictor: WindowPredictor,

@@ -30,6 +30,7 @@ from data.transforms import body_crop_spec
 from deploy.bundle import FORMAT_VERSION, MANIFEST, file_sha256, load_bundle
 from deploy.runtime import cpu_supports_bf16
 from export.calibration import case_crops, dataset_crops
+from export.checks import accuracy_checks
 from export.errors import ExportError
 from export.int8 import quantize_onnxruntime, quantize_openvino
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, dynamic_batch_works, export_onnx, onnx_logits
@@ -211,6 +212,21 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
                 else:
                     (tmp / "model_int8.onnx").unlink()
 
+        log("[export] accuracy check of every model offered")
+        predictors = {"pytorch/fp32": lambda b: model(torch.from_numpy(np.ascontiguousarray(b))).numpy(),
+                      "onnxruntime/fp32": lambda b: onnx_logits(onnx_path, b),
+                      "openvino/fp32": lambda b: fp32(b)[0]}
+        not_measured = {}
+        if cpu_supports_bf16():
+            predictors["openvino/bf16"] = lambda b: bf16(b)[0]
+        else:
+            not_measured["openvino/bf16"] = "the export CPU has no native bf16"
+        if "int8" in models["openvino"]:
+            predictors["openvino/int8"] = lambda b: q_compiled(b)[0]
+        if "int8" in models["onnxruntime"]:
+            predictors["onnxruntime/int8"] = lambda b: onnx_logits(tmp / "model_int8.onnx", b)
+        checks = accuracy_checks(predictors, val_items, num_classes, max_dice_drop, not_measured)
+
         stats = describe(model, roi, in_channels)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -230,6 +246,7 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
             "files": files,
             "parity": parity,
             "int8": int8_report,
+            "checks": checks,
             "versions": library_versions(),
             "student": {"arch": dict(arch), "params": stats["params"], "gflops": round(stats["gflops"], 3),
                         "checkpoint": str(student_ckpt.resolve()), "step": meta.get("step"),

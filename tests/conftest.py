@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on CPU with few threads: CI has 2 cores."""
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# deploy's per-machine cache (compiled OpenVINO models, the measured runtime choice): not the user's home
+os.environ.setdefault("SAM3D_DEPLOY_CACHE", tempfile.mkdtemp(prefix="sam3d_deploy_cache_"))
 
 
 @pytest.fixture(scope="session")

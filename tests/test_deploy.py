@@ -219,7 +219,7 @@ import runpy
 import deploy
 deploy.Segmenter({str(bundle)!r}, runtime="onnxruntime").segment_file({str(path)!r}, {str(tmp_path / 'a.nii.gz')!r})
 sys.argv = ["deploy.infer", "--bundle", {str(bundle)!r}, "--input", {str(path)!r}, "--output",
-            {str(tmp_path / 'b.nii.gz')!r}, "--runtime", "openvino", "--threads", "2", "--overlay", {str(tmp_path / 'b.png')!r}]
+            {str(tmp_path / 'b.nii.gz')!r}, "--runtime", "openvino", "--precision", "fp32", "--threads", "2", "--overlay", {str(tmp_path / 'b.png')!r}]
 try:
     runpy.run_module("deploy.infer", run_name="__main__")
 except SystemExit as exc:

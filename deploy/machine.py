@@ -1,0 +1,98 @@
+"""What the edge device is (CPU model, instruction sets) and where it keeps what it learnt about itself:
+OpenVINO's compiled models and the measured runtime choice (``deploy.autoselect``).
+
+The cache folder is ``$SAM3D_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/sam3d-distill``, else
+``~/.cache/sam3d-distill``. Nothing in it is needed for correctness: a folder that cannot be written only
+costs the time the cache would have saved (a warning says so), and deleting it is always safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# Instruction sets that decide which kernels the runtimes pick (fp32 FMA width, VNNI int8, native bf16, AMX).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16")
+# OpenVINO writes one blob per compiled model and configuration (11 MB for the tiny student); the oldest go
+# beyond this many.
+MAX_COMPILED_BLOBS = 16
+
+
+def cache_dir() -> Path:
+    """The cache folder (see the module docstring); not created here."""
+    explicit = os.environ.get("SAM3D_DEPLOY_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sam3d-distill"
+
+
+def usable_cache_dir(sub: str) -> Path | None:
+    """``cache_dir() / sub``, created; ``None`` (with a warning) where it cannot be written."""
+    path = cache_dir() / sub
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        warnings.warn(f"{path}: cache not writable ({exc}); running without it", RuntimeWarning, stacklevel=3)
+        return None
+    return path
+
+
+def prune_blobs(folder: Path, keep: int = MAX_COMPILED_BLOBS) -> None:
+    """Delete the oldest OpenVINO ``*.blob`` files beyond ``keep``."""
+    try:
+        blobs = sorted(folder.glob("*.blob"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in blobs[keep:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """``{"model", "flags" (the ISA_FLAGS present), "logical_cpus", "usable_cpus"}`` of this machine."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "flags": [f for f in ISA_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
+            "usable_cpus": usable}
+
+
+def machine_key(*parts: Any) -> str:
+    """A short stable key for this CPU (model and instruction sets) plus ``parts`` (e.g. library versions)."""
+    info = cpu_info()
+    text = json.dumps([info["model"], info["flags"], *[str(p) for p in parts]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename): a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
