@@ -33,6 +33,7 @@ from export.calibration import case_crops, dataset_crops
 from export.checks import accuracy_checks
 from export.errors import ExportError
 from export.int8 import quantize_onnxruntime, quantize_openvino
+from export.ir_compact import compact_constants
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, dynamic_batch_works, export_onnx, onnx_logits
 from export.parity import batched, logit_parity
 from student.checkpoint import load_student
@@ -165,7 +166,7 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
         ov_dir = tmp / "openvino"
         ov_dir.mkdir()
         ov_model = ov.convert_model(str(onnx_path))
-        ov.save_model(ov_model, str(ov_dir / "model_fp32.xml"), compress_to_fp16=False)
+        compaction = {"fp32": _save_compact(ov_model, ov_dir / "model_fp32.xml")}
         core = ov.Core()
         fp32 = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         parity["openvino_fp32"] = logit_parity(torch_logits, batched(lambda b: fp32(b)[0], parity_crops))
@@ -192,7 +193,7 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
                 log(f"[export] OpenVINO INT8 without accuracy control: {ov_report['not_enforced_because']} "
                     f"(measured drop {ov_report['dice_drop']:.4f})")
             if ov_report["offered"]:
-                ov.save_model(q_model, str(ov_dir / "model_int8.xml"), compress_to_fp16=False)
+                compaction["int8"] = _save_compact(q_model, ov_dir / "model_int8.xml")
                 models["openvino"]["int8"] = "openvino/model_int8.xml"
                 q_compiled = core.compile_model(q_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
                 parity["openvino_int8"] = logit_parity(torch_logits, batched(lambda b: q_compiled(b)[0], parity_crops))
@@ -247,6 +248,7 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
             "parity": parity,
             "int8": int8_report,
             "checks": checks,
+            "ir_compaction": compaction,
             "versions": library_versions(),
             "student": {"arch": dict(arch), "params": stats["params"], "gflops": round(stats["gflops"], 3),
                         "checkpoint": str(student_ckpt.resolve()), "step": meta.get("step"),
@@ -263,6 +265,17 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
         torch.set_grad_enabled(True)
     log(f"[export] bundle {out_dir} ({manifest['export_seconds']} s)")
     return out_dir
+
+
+def _save_compact(model: Any, path: Path) -> dict[str, Any]:
+    """Save an OpenVINO model with its few-valued constants table-encoded (``export.ir_compact``, lossless);
+    the model in memory (which NNCF and the parity checks use) is left as it is."""
+    import openvino as ov
+
+    saved = model.clone()
+    report = compact_constants(saved)
+    ov.save_model(saved, str(path), compress_to_fp16=False)
+    return report
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
