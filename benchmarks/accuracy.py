@@ -16,7 +16,7 @@ class AccuracyError(ValueError):
 
 
 def score_masks(pred_paths: Sequence[str | Path], cases: Sequence[Sequence[str]], labels: Mapping[int, str],
-                nsd_tolerance_mm: float = 2.0) -> dict:
+                nsd_tolerance_mm: float = 2.0, surface: bool = True) -> dict:
     """Mean foreground Dice and NSD over labelled cases (``evaluation.metrics.summarize``), Dice per case.
 
     Args:
@@ -24,6 +24,9 @@ def score_masks(pred_paths: Sequence[str | Path], cases: Sequence[Sequence[str]]
         cases: ``(image, label)`` NIfTI paths.
         labels: ``{class id: name}`` including background.
         nsd_tolerance_mm: NSD boundary tolerance (mm).
+        surface: also the surface metrics (NSD); ``False``: Dice only, ``nsd`` None (the ct workload: distance
+            transforms over a 512 x 512 x 200 mask of a model that marks foreground far from any organ take
+            minutes).
 
     Returns:
         ``{"dice", "nsd": means over every case's foreground classes, "dice_per_case": [...]}``.
@@ -47,8 +50,41 @@ def score_masks(pred_paths: Sequence[str | Path], cases: Sequence[Sequence[str]]
         if pred.shape != label.shape:
             raise AccuracyError(f"{pred_path}: predicted mask shape {pred.shape} differs from label {label_path} {label.shape}")
         spacing = [float(s) for s in label_img.header.get_zooms()[:3]]
-        case_rows = case_metrics(pred, label, spacing, names, nsd_tolerance_mm)
+        pred, label = crop_to_foreground(pred, label)
+        case_rows = case_metrics(pred, label, spacing, names, nsd_tolerance_mm) if surface else _dice_rows(pred, label, names)
         per_case.append(float(summarize(case_rows)["mean"]["dice"]))
         rows += [{**r, "case": str(image_path)} for r in case_rows]
     mean = summarize(rows)["mean"]
-    return {"dice": float(mean["dice"]), "nsd": float(mean["nsd"]), "dice_per_case": per_case}
+    return {"dice": float(mean["dice"]), "nsd": float(mean["nsd"]) if surface else None, "dice_per_case": per_case}
+
+
+def _dice_rows(pred: np.ndarray, label: np.ndarray, names: Mapping[int, str]) -> list[dict]:
+    """``case_metrics`` rows with Dice only (NSD, HD95 NaN), by its conventions: NaN where a class is in
+    neither map, 0 where it is in one only."""
+    rows = []
+    for class_id in sorted(k for k in names if k != 0):
+        p, t = pred == class_id, label == class_id
+        total = int(p.sum()) + int(t.sum())
+        dice = float("nan") if total == 0 else 2.0 * int(np.logical_and(p, t).sum()) / total
+        rows.append({"class_id": class_id, "class_name": names[class_id], "dice": dice,
+                     "nsd": float("nan"), "hd95": float("nan")})
+    return rows
+
+
+def crop_to_foreground(pred: np.ndarray, label: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps cropped to the box of foreground in either, grown by ``margin`` background voxels.
+
+    The metrics are the same on the crop: Dice counts only foreground, and every surface voxel of either
+    map lies inside the box with background around it, so edges and their Euclidean distances do not
+    change. On a 512 x 512 x 200 CT it turns minutes of distance transforms into seconds.
+    """
+    foreground = (pred != 0) | (label != 0)
+    if not foreground.any():
+        return pred, label
+    box = []
+    for axis in range(pred.ndim):
+        present = np.nonzero(foreground.any(axis=tuple(a for a in range(pred.ndim) if a != axis)))[0]
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + margin + 1, pred.shape[axis])))
+    box = tuple(box)
+    return pred[box], label[box]
+

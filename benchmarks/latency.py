@@ -454,7 +454,8 @@ def run_benchmarks(
                 continue
             if result.get("pred_paths") and plan["workload"] == "ct":
                 dice_done[(plan["model"], plan["runtime"], plan["precision"], "ct")] = score_masks(
-                    result["pred_paths"], [(ct_info["path"], ct_info["label"])], entry.labels or {}, nsd_tolerance_mm)
+                    result["pred_paths"], [(ct_info["path"], ct_info["label"])], entry.labels or {}, nsd_tolerance_mm,
+                    surface=False)
             elif result.get("pred_paths"):
                 dice_done[(plan["model"], plan["runtime"], plan["precision"])] = score_masks(
                     result["pred_paths"], dice_cases, entry.labels or {}, nsd_tolerance_mm)
@@ -487,7 +488,8 @@ def run_benchmarks(
             f"a clinical-size CT end to end: {ct_info['description']}. Deployed rows: `python -m deploy.infer` in a "
             "fresh process, command to mask on disk (interpreter, bundle check and compile, gzip read, checks, "
             "resampling, windows, resampling back, write); PyTorch rows: model load + segment_file in-process (no "
-            "interpreter start). Dice/NSD: of this CT's own mask against its label (not the test split); "
+            "interpreter start). Dice: of this CT's own mask against its label (not the test split; NSD not scored on "
+            "52 M voxels); "
             "GFLOPs = per-patch GFLOPs × the windows the body box needs; throughput in volumes/min")
         notes.append("ct rows' Dice is that one CT's: the goal is the deployed rows within 0.5 Dice points of the "
                      "PyTorch FP32 row of the same model.")

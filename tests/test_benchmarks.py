@@ -140,3 +140,55 @@ def test_bad_inputs_are_refused_with_clear_errors(tmp_path):
         entry_from_bundle(tmp_path)
     with pytest.raises(BenchmarkConfigError, match="workloads"):
         run_benchmarks([], out_dir=tmp_path, workloads=["gpu"])
+
+
+def test_scores_on_the_foreground_crop_equal_the_whole_volume_scores():
+    from benchmarks.accuracy import crop_to_foreground
+    from evaluation.metrics import case_metrics
+
+    rng = np.random.default_rng(3)
+    label = np.zeros((60, 50, 40), np.int64)
+    label[20:35, 10:30, 5:25] = 1
+    label[38:44, 30:36, 20:30] = 2
+    pred = label.copy()
+    noise = np.zeros(pred.shape, bool)
+    noise[12:50, 4:44, 2:36] = rng.random((38, 40, 34)) < 0.02
+    pred[noise] = 1  # scattered false positives, far from the organs' surfaces
+    pred[30:36, 12:20, 5:10] = 0
+    names = {0: "background", 1: "a", 2: "b"}
+    whole = case_metrics(pred, label, [0.8, 0.8, 2.5], names, 2.0)
+    cp, cl = crop_to_foreground(pred, label)
+    assert cp.shape == (42, 44, 38)  # smaller than the volume
+    cropped = case_metrics(cp, cl, [0.8, 0.8, 2.5], names, 2.0)
+    for a, b in zip(whole, cropped):
+        for key in ("dice", "nsd", "hd95"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), (key, a, b)
+    # a tight case: foreground only in a corner is cropped with background around it
+    label2 = np.zeros((30, 30, 30), np.int64)
+    label2[:4, :4, :4] = 1
+    cp, cl = crop_to_foreground(label2, label2)
+    assert cp.shape == (6, 6, 6)
+
+
+def test_dice_only_scoring_gives_the_dice_of_the_full_metrics(tmp_path):
+    import nibabel as nib
+
+    from benchmarks.accuracy import score_masks
+
+    rng = np.random.default_rng(4)
+    label = np.zeros((30, 30, 20), np.uint8)
+    label[5:20, 5:20, 5:15] = 1
+    label[22:27, 22:27, 2:8] = 2
+    pred = label.copy()
+    pred[rng.random(pred.shape) < 0.05] = 3  # a class absent from the label: Dice 0, in the mean
+    pred[10:14, 10:14, 5:9] = 0
+    paths = []
+    for name, arr in (("pred", pred), ("label", label)):
+        nib.save(nib.Nifti1Image(arr, np.diag([0.8, 0.8, 2.5, 1.0])), str(tmp_path / f"{name}.nii.gz"))
+        paths.append(str(tmp_path / f"{name}.nii.gz"))
+    names = {0: "background", 1: "a", 2: "b", 3: "c", 4: "never"}
+    full = score_masks([paths[0]], [(paths[1], paths[1])], names, 2.0)
+    dice_only = score_masks([paths[0]], [(paths[1], paths[1])], names, 2.0, surface=False)
+    assert dice_only["nsd"] is None and full["nsd"] is not None
+    assert dice_only["dice"] == pytest.approx(full["dice"], abs=1e-6)  # MONAI computes in float32
+    assert 0.3 < full["dice"] < 0.8  # the absent class 3 counts 0, class 4 (in neither) is left out

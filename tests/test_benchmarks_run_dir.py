@@ -155,3 +155,32 @@ def test_resampling_back_in_slabs_gives_the_labels_of_resampling_the_whole_volum
         labels = logits_to_source(logits, geometry, chunk_voxels=chunk_voxels)
         assert labels.shape == image.shape and labels.dtype == np.uint8
         np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.slow
+def test_the_ct_workload_runs_deploy_infer_on_a_clinical_size_ct_and_scores_its_own_mask(run_dir, tmp_path):
+    """512 x 512 x 200 at 0.8 x 0.8 x 2.5 mm through `python -m deploy.infer` (a fresh process per call) and the
+    eager model through the same steps: the deployed mask scores the eager one's Dice on that CT's label."""
+    from benchmarks.ct import CT_SIZE, clinical_phantom
+
+    run, bundle, data = run_dir
+    out = tmp_path / "bench"
+    result = run_benchmarks(run_dir=run, out_dir=out, threads=[2], workloads=["ct"], runtimes=["pytorch", "openvino"],
+                            precisions=["fp32"], quick=True, cross_check=False, log_mlflow=False, progress=False)
+    rows = {r["runtime"]: r for r in result["rows"]}
+    assert set(rows) == {"pytorch", "openvino"} and all(r["workload"] == "ct" for r in rows.values())
+    assert rows["openvino"]["input_shape"] == "x".join(map(str, CT_SIZE))
+    # the same weights through deploy.infer and through eager PyTorch: the same Dice to float rounding
+    assert rows["pytorch"]["dice"] is not None
+    assert abs(rows["openvino"]["dice"] - rows["pytorch"]["dice"]) < 0.005, rows
+    # windows come from deploy.infer's report; the eager row takes them from it (same preprocessing)
+    assert rows["openvino"]["windows"] == rows["pytorch"]["windows"] >= 2
+    assert rows["openvino"]["gflops"] == pytest.approx(rows["openvino"]["windows"] * rows["pytorch"]["gflops"] / rows["pytorch"]["windows"])
+    # the deploy process's own peak, read by deploy.infer itself: a torch-free process, far below the test's
+    assert 50 < rows["openvino"]["peak_rss_mb"] < 1500
+    md = (out / "report.md").read_text()
+    assert "## Workload `ct`" in md and "deploy.infer" in md
+    # the CT is generated once per report folder and reused
+    image, _ = clinical_phantom(out / "ct_phantom")
+    stamp = image.stat().st_mtime_ns
+    assert clinical_phantom(out / "ct_phantom")[0].stat().st_mtime_ns == stamp
