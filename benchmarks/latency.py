@@ -131,7 +131,7 @@ def entry_from_bundle(bundle_dir: str | Path, name: str | None = None, torch_sou
 def entries_from_run_dir(run_dir: str | Path) -> tuple[list[ModelEntry], list[tuple[str, str]]]:
     """Models and held-out labelled cases of a pipeline run folder.
 
-    The pipeline's layout (distill/pipeline.py): ``teacher/teacher.pt`` (teacher, eager rows),
+    The pipeline's layout (pipeline/pipeline.py): ``teacher/teacher.pt`` (teacher, eager rows),
     ``bundle/<student>/bundle/model.json`` (deploy bundles; their eager rows use the ``student.pt`` the
     bundle records) and ``data/data.json`` (the test split every row is scored on; the validation split
     of a run without one, which the report's notes then call optimistic). Other layouts are

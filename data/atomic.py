@@ -5,37 +5,15 @@ old file or the complete new one is there.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+# One copy of each: the edge runtime owns them (deploy/ imports nothing of the project outside itself).
+from deploy.files import atomic_path, file_sha256
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it to ``path``.
-
-    Args:
-        path: final destination.
-        suffix: suffix for the temporary file (some writers choose the format from it, e.g. ``.nii.gz``);
-            defaults to the destination's full suffix.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix is None:
-        suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+__all__ = ["atomic_path", "file_sha256", "save_torch_atomic", "write_bytes_atomic", "write_json_atomic",
+           "write_text_atomic"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -74,12 +52,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, streamed (multi-GB checkpoints never load into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()

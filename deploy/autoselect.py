@@ -30,7 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from deploy.errors import RuntimeChoiceError
-from deploy.machine import cpu_info, machine_key, usable_cache_dir, write_json
+from deploy.files import write_json
+from deploy.machine import cpu_info, machine_key, usable_cache_dir
 
 CHOICE_FILE = "runtime_choice.json"
 RUNTIME_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}

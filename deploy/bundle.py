@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.errors import BundleError
-from data.atomic import file_sha256
+from deploy.files import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST = "model.json"

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -83,16 +82,3 @@ def machine_key(*parts: Any) -> str:
     info = cpu_info()
     text = json.dumps([info["model"], info["flags"], *[str(p) for p in parts]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename): a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

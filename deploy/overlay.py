@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 from nibabel import orientations
 
-from data.atomic import atomic_path
+from deploy.files import atomic_path
 from deploy.errors import DeployError
 
 

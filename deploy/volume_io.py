@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 
-from data.atomic import atomic_path
+from deploy.files import atomic_path
 from deploy.errors import InputVolumeError
 
 

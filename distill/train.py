@@ -12,7 +12,6 @@ only rank 0 writes checkpoints and MLflow records.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -310,43 +309,7 @@ def _train_settings(dcfg: Mapping[str, Any], steps: int | None, seed: int, progr
     return TrainSettings.from_config(section, seed=seed, progress=progress)
 
 
-def main(argv: Sequence[str] | None = None) -> StudentResult:
-    """Command line: train one student in ``runs/<run.name>`` (data and teacher stages as the pipeline runs them)."""
-    from configs import load_config
-    from distill.pipeline import Pipeline
+if __name__ == "__main__":  # the command line is commands.student_train (the command layer)
+    from commands.student_train import main
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--student", default=None, help="student name (default: the first of student.names)")
-    parser.add_argument("--lambda", dest="lambda_kd", type=float, default=None, help="λ (default: distill.lambda_kd)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/<run.name>)")
-    parser.add_argument("--teacher", default=None, help="a trained teacher.pt (sets teacher.checkpoint_file)")
-    parser.add_argument("--steps", type=int, default=None, help="step budget (default: distill.steps)")
-    parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.config, args.overrides)
-    if args.teacher:
-        cfg["teacher"]["checkpoint_file"] = args.teacher
-    name = args.student or cfg["student"]["names"][0]
-    lambda_kd = float(cfg["distill"]["lambda_kd"] if args.lambda_kd is None else args.lambda_kd)
-    from training.distributed import cleanup, is_main_process
-
-    pipeline = Pipeline(cfg, out_dir=args.out, tracking_uri=args.tracking_uri)  # joins torchrun's process group
-    with pipeline.tracking():
-        pipeline.stage_data()
-        cache_dir = teacher_ckpt = None
-        if lambda_kd > 0:
-            teacher_ckpt = pipeline.stage_teacher()
-            if cfg["distill"].get("mode", "cached") == "cached":
-                cache_dir = pipeline.stage_cache(teacher_ckpt)
-        result = pipeline.stage_student(name, lambda_kd, teacher_ckpt, cache_dir, steps=args.steps)
-    if is_main_process():
-        print(f"[student] best validation Dice {result.best_dice:.3f} at step {result.best_step}; {result.checkpoint}")
-    cleanup()
-    return result
-
-
-if __name__ == "__main__":
     main(sys.argv[1:])

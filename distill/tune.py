@@ -28,7 +28,6 @@ Decisions (docs/tuning.md has the reasoning):
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -311,7 +310,7 @@ def create_tuning_study(
     if teacher_ckpt is not None:
         study.set_user_attr(ATTR_TEACHER, str(Path(teacher_ckpt).resolve()))
     if tracker is not None:
-        with _tuning_run(tracker, name):
+        with tuning_run(tracker, name):
             tracker.log_params({"study": name, "storage": masked_url(url), "target_trials": int(trials or settings.trials),
                                 "search_space": json.dumps({k: v for k, v in space.items() if k != "hash"})})
     return study
@@ -351,7 +350,7 @@ def _space_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _tuning_run(tracker: Any, study_name: str) -> Iterator[None]:
+def tuning_run(tracker: Any, study_name: str) -> Iterator[None]:
     """The one MLflow run of a study (created by the first caller, reopened by every later one)."""
     with tracker.start_run(f"tune {study_name}", nested=True, resume_key=f"tune:{study_name}",
                            tags={"sam3d.stage": "tune", "optuna.study": study_name}):
@@ -625,7 +624,7 @@ def tune_lambda(
     study = create_tuning_study(cfg, run_dir, storage, study_name, trials, cache_dir=cache_dir,
                                 teacher_ckpt=teacher_ckpt)
     tracker = tracker if tracker is not None else _disabled_tracker(run_dir)
-    with _tuning_run(tracker, study.study_name):
+    with tuning_run(tracker, study.study_name):
         ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study, log=log)
         summary = summarize_study(study, run_dir, tracker)
     summary["trials_run_now"] = ran
@@ -711,92 +710,7 @@ def summarize_study(study: optuna.Study, run_dir: str | Path, tracker: Any = Non
     return summary
 
 
-def _prepared_inputs(args: argparse.Namespace, cfg: dict, run_dir: Path,
-                     study: optuna.Study | None = None) -> tuple[PreparedData, Path | None, Path | None]:
-    """Data, teacher cache and teacher for a worker: from ``--cache`` / the study / the run folder on disk."""
-    data = PreparedData.load(run_dir / "data" / "data.json")
-    attrs = study.user_attrs if study is not None else {}
-    cache = args.cache or attrs.get(ATTR_CACHE)
-    teacher = attrs.get(ATTR_TEACHER)
-    if cache is not None and not Path(cache).is_dir():
-        raise TuneError(f"teacher cache {cache} is not a folder on this machine (share the run folder, or pass --cache)")
-    return data, Path(cache) if cache else None, Path(teacher) if teacher else None
+if __name__ == "__main__":  # the command line is commands.tune (the command layer)
+    from commands.tune import main
 
-
-def main(argv: Sequence[str] | None = None) -> dict | int | None:
-    """Command line (see the module docstring)."""
-    from configs import apply_overrides, load_config
-    from training.tracking import Tracker
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML file or preset name")
-    parser.add_argument("--run-dir", default=None, help="run folder (default runs/<run.name>)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<run dir>/optuna.db)")
-    parser.add_argument("--study", default=None, help="study name (default <run.name>-lambda)")
-    parser.add_argument("--trials", type=int, default=None, help="target finished trials (default tune.trials)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--create", action="store_true", help="prepare inputs and create the study, then exit")
-    mode.add_argument("--worker", action="store_true", help="work on an existing study until it reaches its target")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<run dir>/mlflow.db)")
-    parser.add_argument("--cache", default=None,
-                        help="use this teacher cache and the run folder's data.json instead of running the data, "
-                             "teacher and cache stages")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tune.steps_per_trial=20")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.config, args.overrides)
-    if args.storage:
-        cfg = apply_overrides(cfg, [f"tune.storage={args.storage}"], strict=False)
-    run_dir = Path(args.run_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
-    threads = cfg.get("run", {}).get("threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-    tracker = Tracker(run_dir, experiment=str(cfg["run"]["name"]), tracking_uri=args.tracking_uri)
-    print(f"[tune] config {args.config} {' '.join(args.overrides)}; run folder {run_dir}")
-
-    if args.worker:
-        study = load_tuning_study(cfg, run_dir, args.storage, args.study)
-        if args.trials:
-            study.set_user_attr(ATTR_TARGET, int(args.trials))
-        data, cache_dir, teacher_ckpt = _prepared_inputs(args, cfg, run_dir, study)
-        with _tuning_run(tracker, study.study_name):
-            ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study)
-        print(f"[tune] worker done: {ran} trial(s) run here; study {study.study_name}: {count_trials(study).by_state}")
-        return ran
-
-    with _inputs_stage(args, cfg, run_dir) as (data, cache_dir, teacher_ckpt, pipeline_tracker):
-        tracker = pipeline_tracker or tracker
-        if args.create:
-            study = create_tuning_study(cfg, run_dir, args.storage, args.study, args.trials, cache_dir=cache_dir,
-                                        teacher_ckpt=teacher_ckpt, tracker=tracker)
-            url = args.storage or cfg["tune"].get("storage") or default_storage(run_dir)
-            print(f"[tune] study {study.study_name} ready in {masked_url(url)} "
-                  f"(target {study.user_attrs[ATTR_TARGET]} trials); start workers with --worker")
-            return None
-        summary = tune_lambda(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, args.storage,
-                              study_name=args.study, trials=args.trials)
-    print(json.dumps({k: v for k, v in summary.items() if k != "pareto"}, indent=2, default=str))
-    return summary
-
-
-@contextlib.contextmanager
-def _inputs_stage(args: argparse.Namespace, cfg: dict, run_dir: Path) -> Iterator[tuple]:
-    """Data, teacher cache and teacher: read from ``--cache`` and the run folder, or made by the pipeline stages."""
-    if args.cache:
-        data, cache_dir, teacher_ckpt = _prepared_inputs(args, cfg, run_dir)
-        yield data, cache_dir, teacher_ckpt, None
-        return
-    from distill.pipeline import Pipeline
-
-    pipeline = Pipeline(cfg, out_dir=run_dir, tracking_uri=args.tracking_uri)
-    with pipeline.tracking():
-        data = pipeline.stage_data()
-        teacher_ckpt = pipeline.stage_teacher()
-        cache_dir = pipeline.stage_cache(teacher_ckpt) if cfg["distill"].get("mode", "cached") == "cached" else None
-        yield data, cache_dir, teacher_ckpt, pipeline.tracker
-
-
-if __name__ == "__main__":
     main(sys.argv[1:])

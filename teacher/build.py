@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from teacher.arch import TeacherArch
-from teacher.checkpoint import load_sam_state_dict
+from teacher.sam_weights import load_sam_state_dict
 from teacher.model import Teacher3D, count_parameters
 
 PRESETS: dict[str, TeacherArch] = {

@@ -28,7 +28,6 @@ batch does not use gets no gradient), every rank draws its own crops, rank 0 val
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -318,25 +317,7 @@ def train_teacher(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> TeacherResult:
-    """Command line: prepare the data (the pipeline's data stage), then train the teacher in ``<run-dir>/teacher``."""
-    from configs import load_config
-    from distill.pipeline import Pipeline
+if __name__ == "__main__":  # the command line is commands.teacher_train (the command layer)
+    from commands.teacher_train import main
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--run-dir", default=None, help="run folder (default: runs/<run.name>)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<run-dir>/mlflow.db)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. teacher.steps=400")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.config, args.overrides)
-    pipeline = Pipeline(cfg, out_dir=args.run_dir, tracking_uri=args.tracking_uri)
-    with pipeline.tracking():
-        data = pipeline.stage_data()
-        with pipeline.tracker.start_run("teacher training", resume_key=f"teacher:{pipeline.run_dir / 'teacher'}"):
-            return train_teacher(cfg, pipeline.run_dir, data=data, tracker=pipeline.tracker)
-
-
-if __name__ == "__main__":
     main(sys.argv[1:])

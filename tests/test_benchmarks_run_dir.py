@@ -1,6 +1,6 @@
 """The benchmark harness on a pipeline-shaped run folder, and the step profile of a deployed segmentation.
 
-The run folder is made the way distill/pipeline.py makes it: the data stage on phantoms (data/data.json
+The run folder is made the way pipeline/pipeline.py makes it: the data stage on phantoms (data/data.json
 with validation and test splits), a student checkpoint, and its bundle at bundle/<student>/bundle/ written by
 export.build_bundle. A small U-Net student keeps export to seconds; no timing is asserted.
 """
@@ -49,7 +49,7 @@ def test_run_dir_rows_are_each_measured_once_and_scored_on_the_test_split(run_di
     assert entries[0].torch == {"kind": "student", "path": str((run / "students" / "unet_small" / "student.pt").resolve())}
     assert len(data.test) == 1 and cases == [(c["image"], c["label"]) for c in data.test]
 
-    # what distill/pipeline.py passes: the run dir and, again, its bundle
+    # what pipeline/pipeline.py passes: the run dir and, again, its bundle
     # the eager (PyTorch) rows run the same code path but cost ~30 s of imports and sliding window here
     section = {"quick": True, "threads": [2], "workloads": ["volume"], "runtimes": ["onnxruntime", "openvino"],
                "precisions": ["fp32"], "max_dice_cases": 1, "cross_check": False}

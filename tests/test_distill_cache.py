@@ -343,7 +343,7 @@ def test_the_pipeline_cache_stage_reruns_when_an_image_changes(phantom_dataset, 
     import shutil
 
     from configs import load_config
-    from distill.pipeline import Pipeline
+    from pipeline import Pipeline
     from tests.test_teacher_compat import write_teacher
 
     from data.dataset import load_dataset

@@ -167,7 +167,7 @@ def test_kd_regimes_trains_each_variant_per_regime_scores_the_test_split_and_ski
     """distill.kd_regimes on the pipeline's stages: λ = 0 and KD in the few-label and the full-label regime of the
     same site, each scored on the test split; a second call trains nothing."""
     from configs import load_config
-    from distill.kd_regimes import run_regimes
+    from pipeline.kd_regimes import run_regimes
 
     torch.set_num_threads(2)
     teacher = write_teacher(tmp_path / "teacher.pt", phantom_dataset)

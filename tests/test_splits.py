@@ -89,7 +89,7 @@ def test_the_students_site_data_comes_from_another_seed_stream_with_a_chosen_num
 
     from configs import load_config
     from data.prepare import DataStageError, PreparedData, prepare_data
-    from distill.kd_regimes import full_label_data
+    from pipeline.kd_regimes import full_label_data
 
     base = ["data.phantom_cases=6", "data.phantom_test_cases=1", "data.phantom_size=[48,40,24]",
             "data.val_fraction=0.2", "data.test_fraction=0.2"]

@@ -146,7 +146,7 @@ def write_teacher(path, labels, spacing=(6.0, 6.0, 6.0), roi=(32, 32, 32)):
 @pytest.fixture(scope="module")
 def pipeline(phantom_dataset, tmp_path_factory):
     from configs import load_config
-    from distill.pipeline import Pipeline
+    from pipeline import Pipeline
 
     run_dir = tmp_path_factory.mktemp("compat_run")
     pipe = Pipeline(load_config("demo", _overrides(phantom_dataset)), out_dir=run_dir, log=lambda line: None)
@@ -162,7 +162,7 @@ def _given(pipe, path, allow=False, log=None):
 
 
 def test_the_pipeline_refuses_a_given_teacher_whose_labels_are_in_another_order(pipeline, tmp_path):
-    from distill.pipeline import PipelineError
+    from pipeline import PipelineError
 
     labels = dict(pipeline.data.labels)
     swapped = {**labels, 1: labels[2], 2: labels[1]}
@@ -179,7 +179,7 @@ def test_the_pipeline_refuses_a_given_teacher_whose_labels_are_in_another_order(
 
 
 def test_the_pipeline_refuses_another_spacing_or_roi_and_allows_the_spacing_with_the_override(pipeline, tmp_path):
-    from distill.pipeline import PipelineError
+    from pipeline import PipelineError
 
     labels = dict(pipeline.data.labels)
     finer = write_teacher(tmp_path / "finer.pt", labels, spacing=(4.0, 4.0, 4.0))

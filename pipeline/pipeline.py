@@ -1,6 +1,7 @@
 """The end-to-end pipeline: data → teacher → teacher cache → students → evaluation → export → benchmark.
 
-``distill/run.py`` is its command line. Each stage writes its artifact under ``runs/<run.name>/`` and is
+``distill/run.py`` (``commands/run.py``) is its command line; the per-stage commands (``python -m
+teacher.train``, ``distill.train``, ``distill.tune``) run the stages they need through it (``commands/``). Each stage writes its artifact under ``runs/<run.name>/`` and is
 skipped when that artifact exists for the same inputs (``distill.stages.run_stage``), so a second run, or
 a run restarted after a kill, only does what is missing. One MLflow experiment per pipeline (named after
 ``run.name``), a parent run with one nested run per stage, the config logged verbatim.
