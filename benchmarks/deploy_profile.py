@@ -83,7 +83,7 @@ def _one_pass(segmenter: Any, in_path: Path, out_path: Path) -> tuple[dict[str, 
     from deploy.geometry import labels_to_source, logits_to_source, to_model_grid
     from deploy.intensity import apply_intensity
     from deploy.sliding_window import sliding_window_logits
-    from deploy.volume_io import read_volume, write_mask
+    from deploy.volume_io import label_dtype, read_volume, write_mask
 
     ms: dict[str, float] = {}
     clock = time.perf_counter()
@@ -112,7 +112,7 @@ def _one_pass(segmenter: Any, in_path: Path, out_path: Path) -> tuple[dict[str, 
         logits = paste_logits(logits, box, resampled.shape)
     lap("paste")
     if segmenter.resample_back == "labels":
-        labels = labels_to_source(np.argmax(logits, axis=0).astype(np.uint8 if segmenter.num_classes <= 256 else np.int16),
+        labels = labels_to_source(np.argmax(logits, axis=0).astype(label_dtype(segmenter.num_classes)),
                                   geometry)
     else:
         labels = logits_to_source(logits, geometry)

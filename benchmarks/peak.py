@@ -50,9 +50,9 @@ def cpu_supports_bf16() -> bool:
     when OpenVINO is absent.
     """
     try:
-        import openvino as ov
+        from deploy.runtime import cpu_supports_bf16 as openvino_bf16
 
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return openvino_bf16()
     except Exception:  # noqa: BLE001 - no OpenVINO or no CPU plugin: fall back to the CPU flags
         pass
     from training.loop import cpu_has_native_bf16

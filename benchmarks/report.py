@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from data.atomic import atomic_path, write_json_atomic, write_text_atomic
+from evaluation.pareto import pareto_front
 
 # The columns a user reads, in order; the extra ones after them qualify the numbers.
 CSV_COLUMNS = (
@@ -40,30 +41,6 @@ ALL_COLUMNS = CSV_COLUMNS + EXTRA_COLUMNS
 
 class ReportError(ValueError):
     """Rows that cannot be reported (a missing column, an unknown workload)."""
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both axes: lower latency and higher Dice.
-
-    A point is dominated when another is at least as fast and at least as accurate, and strictly better
-    on one. Points with a NaN/None coordinate are never on the front. Returned in order of latency.
-
-    Args:
-        points: ``(latency, dice)`` pairs.
-    """
-    valid = [
-        (i, float(lat), float(dice))
-        for i, (lat, dice) in enumerate(points)
-        if _finite(lat) and _finite(dice)
-    ]
-    front = []
-    for i, lat, dice in valid:
-        dominated = any(
-            (l2 <= lat and d2 >= dice) and (l2 < lat or d2 > dice) for j, l2, d2 in valid if j != i
-        )
-        if not dominated:
-            front.append((lat, -dice, i))
-    return [i for _, _, i in sorted(front)]
 
 
 def machine_info() -> dict[str, Any]:

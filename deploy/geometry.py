@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from nibabel import orientations
 
+from deploy.volume_io import label_dtype
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -232,7 +234,7 @@ def logits_to_source(logits: np.ndarray, geometry: Geometry, chunk_voxels: int =
     order = _axis_order(logits.shape[1:], out_shape)
     weights = {a: _axis_weights(logits.shape[1 + a], out_shape[a], float(steps[a]), logits.dtype) for a in range(3)}
     identity = {a: logits.shape[1 + a] == out_shape[a] and steps[a] == 1.0 for a in range(3)}
-    labels = np.zeros(out_shape, dtype=np.uint8 if logits.shape[0] <= 256 else np.int16)
+    labels = np.zeros(out_shape, dtype=label_dtype(logits.shape[0]))
     foreground = np.argmax(logits, axis=0) != 0
     inverse = _inverse_ornt(geometry.to_target)
     if not foreground.any():

@@ -77,6 +77,12 @@ def cpu_info() -> dict[str, Any]:
             "usable_cpus": usable}
 
 
+def has_native_bf16_flags() -> bool:
+    """Whether the CPU lists a native bf16 instruction set (AVX512-BF16 or AMX-BF16) in ``/proc/cpuinfo``."""
+    flags = cpu_info()["flags"]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def machine_key(*parts: Any) -> str:
     """A short stable key for this CPU (model and instruction sets) plus ``parts`` (e.g. library versions)."""
     info = cpu_info()

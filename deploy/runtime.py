@@ -16,11 +16,14 @@ RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether OpenVINO's CPU plugin reports native bf16 (``OPTIMIZATION_CAPABILITIES``)."""
-    import openvino as ov
+def cpu_supports_bf16(core: Any = None) -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 (``OPTIMIZATION_CAPABILITIES``): the one check of it
+    (export, benchmarks and the auto choice ask here)."""
+    if core is None:
+        import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        core = ov.Core()
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class ModelSession:
@@ -76,7 +79,7 @@ class ModelSession:
         blobs = usable_cache_dir("openvino") if compile_cache else None
         if blobs is not None:
             core.set_property({"CACHE_DIR": str(blobs)})
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and not cpu_supports_bf16(core):
             raise RuntimeChoiceError("precision bf16: this CPU has no native bf16 (OpenVINO OPTIMIZATION_CAPABILITIES)")
         # INT8 layers run in int8 whatever the hint; the hint fixes the precision of the layers left in float.
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}

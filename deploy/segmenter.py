@@ -16,7 +16,7 @@ from deploy.intensity import apply_intensity, check_intensity
 from deploy.plausibility import BODY_THRESHOLD_HU, Assessment, assess_ct
 from deploy.runtime import ModelSession
 from deploy.sliding_window import sliding_window_logits, window_count
-from deploy.volume_io import check_volume, read_volume, write_mask
+from deploy.volume_io import check_volume, label_dtype, read_volume, write_mask
 
 
 class Segmenter:
@@ -183,11 +183,11 @@ class Segmenter:
             ``X x Y x Z`` class indices (uint8, int16 beyond 256 classes).
         """
         logits, geometry = self.predict_logits(image, affine, force=force)
-        return self._to_source(logits, geometry).astype(np.uint8 if self.num_classes <= 256 else np.int16)
+        return self._to_source(logits, geometry).astype(label_dtype(self.num_classes))
 
     def _to_source(self, logits: np.ndarray, geometry) -> np.ndarray:
         if self.resample_back == "labels":
-            return labels_to_source(np.argmax(logits, axis=0).astype(np.uint8 if self.num_classes <= 256 else np.int16), geometry)
+            return labels_to_source(np.argmax(logits, axis=0).astype(label_dtype(self.num_classes)), geometry)
         return logits_to_source(logits, geometry)
 
     def segment_file(self, in_path: str | Path, out_path: str | Path, overlay: str | Path | None = None,

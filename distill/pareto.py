@@ -10,25 +10,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.atomic import atomic_path
+from evaluation.pareto import dominates as dominates_point
+from evaluation.pareto import pareto_front as front_indices
 
 PARETO_COLUMNS = ("number", "student", "lambda_kd", "temperature", "lr", "dice", "latency_ms", "checkpoint")
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether ``a`` is at least as good as ``b`` in Dice (higher) and latency (lower), and better in one."""
-    return (a["dice"] >= b["dice"] and a["latency_ms"] <= b["latency_ms"]
-            and (a["dice"] > b["dice"] or a["latency_ms"] < b["latency_ms"]))
+    """Whether trial row ``a`` is at least as good as ``b`` in Dice (higher) and latency (lower), and better in one."""
+    return dominates_point((a["latency_ms"], a["dice"]), (b["latency_ms"], b["dice"]))
 
 
 def pareto_front(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Non-dominated completed trials, fastest first.
+    """Non-dominated completed trials, fastest first (``evaluation.pareto``).
 
     Args:
         rows: ``distill.tune_plots.trial_rows`` of a study; rows need ``dice`` and ``latency_ms``.
     """
     done = [r for r in rows if r["state"] == "COMPLETE" and r["dice"] is not None and r["latency_ms"] is not None]
-    front = [r for r in done if not any(dominates(o, r) for o in done if o is not r)]
-    return sorted(front, key=lambda r: (r["latency_ms"], -r["dice"]))
+    return [done[i] for i in front_indices([(r["latency_ms"], r["dice"]) for r in done])]
 
 
 def write_pareto_csv(front: Sequence[dict[str, Any]], path: str | Path) -> Path:

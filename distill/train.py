@@ -16,7 +16,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from data.prepare import PreparedData
 from distill.loss import KDLoss
 from evaluation.validation import as_plain_tensor, validation_dice
 from training.distributed import resolve_device
+from training.batches import crop_batches, preload
 
 MODES = ("cached", "online")
 
@@ -76,31 +77,6 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
-def _crop_batches(dataset: Any, batch_size: int, num_workers: int = 0,
-                  weights: Sequence[float] | None = None) -> Iterator[dict]:
-    """Endless stream of collated crop batches, reshuffled each pass.
-
-    The loader is built lazily, inside ``fit``, so its shuffling and MONAI's transform seeds come from the
-    global RNG that ``fit`` seeds per rank (``seed + rank``) and restores on resume. With ``weights`` (one per
-    case) cases are drawn with replacement in proportion to them instead of once per pass.
-    """
-    from monai.data import DataLoader, list_data_collate
-    from torch.utils.data import WeightedRandomSampler
-
-    sampler = None if weights is None else WeightedRandomSampler(list(weights), num_samples=len(dataset), replacement=True)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(dataset) >= batch_size,
-        num_workers=num_workers,
-        collate_fn=list_data_collate,
-    )
-    while True:
-        yield from loader
-
-
 def case_weights(labelled: int, unlabelled: int, labelled_fraction: float | None) -> list[float] | None:
     """Sampling weights that put ``labelled_fraction`` of the crops on the labelled cases (None: every case
     alike, so 8 labelled among 40 cases get 20 % of the crops)."""
@@ -110,14 +86,6 @@ def case_weights(labelled: int, unlabelled: int, labelled_fraction: float | None
     if not 0.0 < f < 1.0:
         raise DistillConfigError(f"distill.labelled_fraction must lie in (0, 1) or be null, got {labelled_fraction!r}")
     return [f / labelled] * labelled + [(1.0 - f) / unlabelled] * unlabelled
-
-
-def _preload(items: Sequence[Mapping[str, Any]], transforms: Callable) -> list[dict]:
-    """Run the deterministic preprocessing once per case and keep the results in memory."""
-    from data.transforms import make_dataset
-
-    dataset = make_dataset(list(items), transforms, cache="memory")
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def train_student(
@@ -206,10 +174,10 @@ def train_student(
     if not labelled and not unlabelled:
         raise DistillConfigError(f"{student_name} λ={lambda_kd}: no case to learn from (no labelled case"
                                  f"{'' if uses_teacher else ', and λ = 0 uses no unlabelled one'}; see data.site.labelled)")
-    cases = _preload(labelled, load_transforms(data.preprocess, keys=("image", "label")))
+    cases = preload(labelled, load_transforms(data.preprocess, keys=("image", "label")))
     if unlabelled:
-        cases += _preload(unlabelled, load_transforms(data.preprocess, keys=("image",)))
-    val_cases = _preload(data.val, load_transforms(data.preprocess, keys=("image", "label")))
+        cases += preload(unlabelled, load_transforms(data.preprocess, keys=("image",)))
+    val_cases = preload(data.val, load_transforms(data.preprocess, keys=("image", "label")))
 
     extra_keys = ("teacher",) if cache is not None else ()
     # With a teacher, crops carry the inside-the-volume mask: padding is left out of the KD term (data.transforms).
@@ -227,7 +195,7 @@ def train_student(
     crops = Dataset(cases, transform=Compose(chain))
     # Labelled cases come first in ``cases``; distill.labelled_fraction sets their share of the crops.
     weights = case_weights(len(labelled), len(unlabelled), dcfg.get("labelled_fraction"))
-    batches = _crop_batches(crops, int(dcfg["batch_size"]), int(dcfg.get("num_workers", 0)), weights)
+    batches = crop_batches(crops, int(dcfg["batch_size"]), int(dcfg.get("num_workers", 0)), weights)
 
     # Pseudo-labels come from the teacher, so a λ = 0 student (no teacher) never has them.
     kd_loss = KDLoss(lambda_kd, kd_target=str(dcfg.get("kd_target", "logits")),

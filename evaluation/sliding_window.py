@@ -16,6 +16,7 @@ from monai.inferers import sliding_window_inference
 
 from data.atomic import atomic_path
 from data.transforms import IMAGE_PAD_VALUE, val_transforms
+from deploy.volume_io import label_dtype
 
 NumpyPredictor = Callable[[np.ndarray], np.ndarray]
 Predictor = Union[torch.nn.Module, NumpyPredictor]
@@ -115,7 +116,7 @@ def predict_labels(
     """
     logits = predict_logits(predictor, image, roi_size, num_classes, overlap, sw_batch_size, mode, device, progress)
     if isinstance(logits, np.ndarray):
-        return logits.argmax(axis=0).astype(_label_dtype(num_classes))
+        return logits.argmax(axis=0).astype(label_dtype(num_classes))
     return logits.argmax(dim=0)
 
 
@@ -183,7 +184,7 @@ def predict_case(
         label_map[None].to(torch.float32).cpu(), meta=dict(image.meta), applied_operations=list(image.applied_operations)
     )
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(data)["pred"]
-    mask = np.rint(np.asarray(inverted.detach().cpu())[0]).astype(_label_dtype(num_classes))
+    mask = np.rint(np.asarray(inverted.detach().cpu())[0]).astype(label_dtype(num_classes))
     if mask.shape != tuple(source.shape):
         raise SlidingWindowError(
             f"{image_path}: inverted mask shape {mask.shape} differs from the input's {tuple(source.shape)}"
@@ -253,7 +254,3 @@ def _eval_mode(module: torch.nn.Module):
         yield
     finally:
         module.train(was_training)
-
-
-def _label_dtype(num_classes: int) -> type:
-    return np.uint8 if num_classes <= 256 else np.int16

@@ -48,7 +48,8 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     from data.atomic import atomic_path
     from data.phantom import write_dataset
     from evaluation.validation import validation_dice
-    from teacher.train import _preload
+    from data.transforms import load_transforms
+    from training.batches import preload
 
     cfg = meta.get("config") or {}
     dcfg = cfg.get("data") or {}
@@ -80,7 +81,7 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     overlap = float(cfg.get("evaluation", {}).get("overlap", 0.25))
     per_case, per_class_rows = [], []
     for i, item in enumerate(items):
-        case = _preload([item], meta["preprocess"])
+        case = preload([item], load_transforms(meta["preprocess"], keys=("image", "label")))
         scores = validation_dice(model, case, meta["roi_size"], num_classes, overlap, device)
         per_case.append(scores["dice"])
         per_class_rows.append([scores[f"dice_{c}"] for c in range(1, num_classes)])

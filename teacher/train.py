@@ -32,13 +32,14 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
 from data.prepare import PreparedData
+from teacher.model import PROMPT_MODES
+from training.batches import crop_batches, preload
 
-PROMPT_MODES = ("auto", "points", "both")
 # The teacher section's keys that define the network (a resumed run must match them); the rest is schedule.
 MODEL_KEYS = ("preset", "arch", "checkpoint", "peft", "lora_rank", "prompt_mode", "roi_size")
 SAM_MED3D_MODEL_KEYS = ("backbone", "apg_hidden")
@@ -80,28 +81,6 @@ class TeacherResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _crop_batches(dataset: Any, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
-    """Endless stream of collated crop batches, reshuffled each pass.
-
-    Built lazily inside ``fit``, so shuffling and MONAI's crop seeds come from the RNG that ``fit`` seeds per
-    rank and restores on resume.
-    """
-    from monai.data import DataLoader, list_data_collate
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
-                        num_workers=num_workers, collate_fn=list_data_collate)
-    while True:
-        yield from loader
-
-
-def _preload(items: Sequence[Mapping[str, Any]], spec: dict) -> list[dict]:
-    """Run the deterministic preprocessing once per case and keep the volumes in memory."""
-    from data.transforms import load_transforms, make_dataset
-
-    dataset = make_dataset(list(items), load_transforms(spec, keys=("image", "label")), cache="memory")
-    return [dataset[i] for i in range(len(dataset))]
 
 
 def _check_section(tcfg: Mapping[str, Any]) -> None:
@@ -165,7 +144,7 @@ def train_teacher(
     from monai.losses import DiceCELoss
 
     from data.checks import DataError
-    from data.transforms import (AUGMENT_KEYS, DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, check_augmentation,
+    from data.transforms import (AUGMENT_KEYS, DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, check_augmentation, load_transforms,
                                  random_crop_transforms)
     from evaluation.validation import as_plain_tensor, validation_dice
     from training.distributed import resolve_device
@@ -211,13 +190,13 @@ def train_teacher(
     model.grad_checkpointing = device.type == "cuda" and bool(tcfg.get("grad_checkpointing", False))
     net = wrap_model(model, find_unused_parameters=True) if is_distributed() else model
 
-    cases = _preload(data.train, data.preprocess)
-    val_cases = _preload(data.val, data.preprocess)
+    cases = preload(data.train, load_transforms(data.preprocess, keys=("image", "label")))
+    val_cases = preload(data.val, load_transforms(data.preprocess, keys=("image", "label")))
     crops = Dataset(cases, transform=random_crop_transforms(
         roi_size, num_classes, num_samples=int(tcfg.get("crops_per_case", 1)),
         class_balanced=bool(tcfg.get("class_balanced", True)),
         flip_prob=flip_prob, rotate_prob=rotate_prob, **augment))
-    batches = _crop_batches(crops, int(tcfg.get("batch_size", 2)), int(tcfg.get("num_workers", 0)))
+    batches = crop_batches(crops, int(tcfg.get("batch_size", 2)), int(tcfg.get("num_workers", 0)))
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),
                          lambda_ce=float(tcfg.get("lambda_ce", 1.0)), batch=bool(tcfg.get("dice_batch", False)))

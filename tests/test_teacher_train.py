@@ -235,7 +235,8 @@ def test_fresh_phantom_check_scores_new_phantoms_and_refuses_the_training_seed(t
     from data.phantom import write_dataset
     from evaluation.validation import validation_dice
     from teacher.generalization import GeneralizationError, fresh_phantom_dice, main as generalization_main
-    from teacher.train import _preload
+    from data.transforms import load_transforms
+    from training.batches import preload
 
     cfg, run_dir, data, tracker, result = trained
     model, meta = load_teacher(result.checkpoint)
@@ -251,7 +252,7 @@ def test_fresh_phantom_check_scores_new_phantoms_and_refuses_the_training_seed(t
     write_dataset(tmp_path / "q", cases=2, seed=5, size=(64, 64, 32))
     items = [{"image": str(p), "label": str(tmp_path / "q" / "labelsTr" / p.name)}
              for p in sorted((tmp_path / "q" / "imagesTr").glob("*.nii.gz"))]
-    expected = validation_dice(model, _preload(items, meta["preprocess"]), meta["roi_size"], meta["num_classes"], 0.25,
+    expected = validation_dice(model, preload(items, load_transforms(meta["preprocess"], keys=("image", "label"))), meta["roi_size"], meta["num_classes"], 0.25,
                                torch.device("cpu"))
     assert out["dice"] == pytest.approx(expected["dice"], abs=1e-6)
     stamp = (tmp_path / "p" / "generalization.json").stat().st_mtime_ns

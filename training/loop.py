@@ -488,11 +488,9 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN, or the private check gone
         pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from deploy.machine import has_native_bf16_flags
+
+    return has_native_bf16_flags()
 
 
 def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
