@@ -12,10 +12,10 @@ from typing import Any
 # Names resolved on first use: importing the package must not import ``benchmarks.latency`` itself, or
 # ``python -m benchmarks.latency`` would run a module that is already in sys.modules (runpy warns).
 _EXPORTS = {
-    "ModelEntry": "benchmarks.latency",
-    "entry_from_bundle": "benchmarks.latency",
-    "entries_from_run_dir": "benchmarks.latency",
-    "plan_rows": "benchmarks.latency",
+    "ModelEntry": "benchmarks.models",
+    "entry_from_bundle": "benchmarks.models",
+    "entries_from_run_dir": "benchmarks.models",
+    "plan_rows": "benchmarks.plan",
     "run_benchmarks": "benchmarks.latency",
     "GemmPeak": "benchmarks.peak",
     "cpu_supports_bf16": "benchmarks.peak",

@@ -6,27 +6,22 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from commands.args import add_run_arguments, run_config
 from pipeline import kd_regimes
 from pipeline.kd_regimes import REGIMES, VARIANTS, regimes_markdown, run_regimes
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from configs import load_config
 
     parser = argparse.ArgumentParser(prog="python -m distill.kd_regimes", description=kd_regimes.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<run.name>_regimes)")
-    parser.add_argument("--teacher", default=None, help="a trained teacher.pt (sets teacher.checkpoint_file)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--student", default=None)
     parser.add_argument("--variants", nargs="+", default=["lambda0", "kd_pseudo"], help=f"of {sorted(VARIANTS)}")
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES))
-    parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if args.teacher:
-        cfg["teacher"]["checkpoint_file"] = args.teacher
+    cfg = run_config(args)
     out = args.out or Path("runs") / f"{cfg['run']['name']}_regimes"
     results = run_regimes(cfg, out, args.variants, args.regimes, args.steps, args.student, args.tracking_uri)
     print(regimes_markdown(results))

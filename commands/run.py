@@ -8,31 +8,23 @@ to date are skipped, so running it again after a kill continues where it stopped
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+from commands.args import add_run_arguments, run_config
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parse arguments, load the config, run every stage; returns the report dict."""
-    from configs import load_config
     from pipeline import Pipeline
     from training.distributed import cleanup
 
     parser = argparse.ArgumentParser(prog="distill/run.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="YAML file or preset name")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<run.name>)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<run folder>/mlflow.db)")
-    parser.add_argument("--teacher", default=None,
-                        help="a trained teacher.pt to use instead of training one (sets teacher.checkpoint_file)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. distill.steps=100")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, args.overrides)
-    if args.teacher:
-        cfg["teacher"]["checkpoint_file"] = args.teacher
+    cfg = run_config(args)
     print(f"[run] config {args.config} {' '.join(args.overrides)}".rstrip())
     try:
         return Pipeline(cfg, out_dir=args.out, tracking_uri=args.tracking_uri).run()

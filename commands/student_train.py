@@ -4,29 +4,24 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from commands.args import add_run_arguments, run_config
 from distill import train as stage
 from distill.train import StudentResult
 
 
 def main(argv: Sequence[str] | None = None) -> StudentResult:
     """Command line: train one student in ``runs/<run.name>`` (data and teacher stages as the pipeline runs them)."""
-    from configs import load_config
     from pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m distill.train", description=stage.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--student", default=None, help="student name (default: the first of student.names)")
     parser.add_argument("--lambda", dest="lambda_kd", type=float, default=None, help="λ (default: distill.lambda_kd)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<run.name>)")
-    parser.add_argument("--teacher", default=None, help="a trained teacher.pt (sets teacher.checkpoint_file)")
     parser.add_argument("--steps", type=int, default=None, help="step budget (default: distill.steps)")
-    parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, args.overrides)
-    if args.teacher:
-        cfg["teacher"]["checkpoint_file"] = args.teacher
+    cfg = run_config(args)
     name = args.student or cfg["student"]["names"][0]
     lambda_kd = float(cfg["distill"]["lambda_kd"] if args.lambda_kd is None else args.lambda_kd)
     from training.distributed import cleanup, is_main_process

@@ -4,22 +4,20 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from commands.args import add_run_arguments, run_config
 from teacher import train as stage
 from teacher.train import TeacherResult, train_teacher
 
 def main(argv: Sequence[str] | None = None) -> TeacherResult:
     """Command line: prepare the data (the pipeline's data stage), then train the teacher in ``<run-dir>/teacher``."""
-    from configs import load_config
     from pipeline import Pipeline
 
     parser = argparse.ArgumentParser(prog="python -m teacher.train", description=stage.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--run-dir", default=None, help="run folder (default: runs/<run.name>)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: sqlite:///<run-dir>/mlflow.db)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. teacher.steps=400")
+    add_run_arguments(parser, teacher=False, example="teacher.steps=400", tracking_default="sqlite:///<run-dir>/mlflow.db")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = run_config(args)
     pipeline = Pipeline(cfg, out_dir=args.run_dir, tracking_uri=args.tracking_uri)
     with pipeline.tracking():
         data = pipeline.stage_data()

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import optuna
 
+from commands.args import add_run_arguments, run_config
 from data.prepare import PreparedData
 from distill import tune
 from distill.tune import (ATTR_CACHE, ATTR_TARGET, ATTR_TEACHER, TuneError, count_trials, create_tuning_study,
@@ -30,11 +31,10 @@ def _prepared_inputs(args: argparse.Namespace, cfg: dict, run_dir: Path,
 
 def main(argv: Sequence[str] | None = None) -> dict | int | None:
     """Command line (see the module docstring)."""
-    from configs import apply_overrides, load_config
+    from configs import apply_overrides
     from training.tracking import Tracker
 
     parser = argparse.ArgumentParser(prog="python -m distill.tune", description=tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML file or preset name")
     parser.add_argument("--run-dir", default=None, help="run folder (default runs/<run.name>)")
     parser.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<run dir>/optuna.db)")
     parser.add_argument("--study", default=None, help="study name (default <run.name>-lambda)")
@@ -42,14 +42,13 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--create", action="store_true", help="prepare inputs and create the study, then exit")
     mode.add_argument("--worker", action="store_true", help="work on an existing study until it reaches its target")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<run dir>/mlflow.db)")
     parser.add_argument("--cache", default=None,
                         help="use this teacher cache and the run folder's data.json instead of running the data, "
                              "teacher and cache stages")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tune.steps_per_trial=20")
+    add_run_arguments(parser, teacher=False, example="tune.steps_per_trial=20", tracking_default="sqlite:///<run dir>/mlflow.db")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = run_config(args)
     if args.storage:
         cfg = apply_overrides(cfg, [f"tune.storage={args.storage}"], strict=False)
     run_dir = Path(args.run_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
