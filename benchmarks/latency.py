@@ -210,7 +210,6 @@ def run_benchmarks(
             key = (r["model"], r["runtime"], r["precision"]) + (("ct",) if r["workload"] == "ct" else ())
             scores = dice_done.get(key, {})
             r["dice"], r["nsd"] = scores.get("dice"), scores.get("nsd")
-        _ct_windows(rows, by_name)
         _ratios(rows, {k: v for k, v in ((k, p.gflops) for k, p in peaks.items())})
 
         check_started = time.perf_counter()
@@ -349,18 +348,6 @@ def _row(plan: dict, entry: ModelEntry, result: dict, volume_info: dict) -> dict
             f", segment {result['segment_ms']:.0f} ms, {result['windows'] or '?'} windows" if plan["workload"] == "ct" else ""),
         "windows": result.get("windows"),
     }
-
-
-def _ct_windows(rows: list[dict], by_name: dict[str, ModelEntry]) -> None:
-    """Eager ct rows do not report their window count; it is the deployed rows' of the same model (same
-    preprocessing, same body box), so their GFLOPs and % of peak are filled from it."""
-    for r in rows:
-        if r["workload"] != "ct" or r.get("windows"):
-            continue
-        windows = next((o["windows"] for o in rows if o["workload"] == "ct" and o["model"] == r["model"] and o.get("windows")), None)
-        entry = by_name.get(r["model"])
-        if windows and entry is not None and entry.gflops is not None:
-            r["windows"], r["gflops"] = windows, entry.gflops * windows
 
 
 def _ratios(rows: list[dict], peaks: dict[tuple[str, int], float]) -> None:

@@ -107,8 +107,11 @@ def _ct_row(spec: dict, runtime: str, precision: str, threads: int):
                 segment = volume_segmenter(spec["entry"], runtime, precision, threads, None)
                 loaded = time.perf_counter()
                 segment(volume, out_path)
-                wall = time.perf_counter() - start
-                report = {"seconds": {"load": loaded - start, "segment": wall - loaded + start}, "windows": None}
+                done = time.perf_counter()
+                wall = done - start
+                # the eager segmenter is Segmenter.segment_file bound to a Segmenter: its window count, as deploy's
+                report = {"seconds": {"load": loaded - start, "segment": done - loaded},
+                          "windows": segment.__self__.last_windows}
             else:
                 report = deploy_infer(spec["bundle"], volume, out_path, runtime, precision, threads)
                 wall = report["wall_s"]

@@ -12,7 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
+from deploy.sliding_window import window_count
+
+# MONAI's window placement, as deploy runs it (tests/test_benchmarks.py checks it against MONAI's own calls)
+sliding_window_count = window_count
 
 SegmentFile = Callable[[str | Path, str | Path], None]
 
@@ -50,22 +53,6 @@ def volume_segmenter(entry: dict, runtime: str, precision: str, threads: int, bu
 def resampled_shape(shape: Sequence[int], spacing_mm: Sequence[float], target_mm: Sequence[float]) -> list[int]:
     """Grid size after resampling ``shape`` at ``spacing_mm`` to ``target_mm`` (rounded, >= 1)."""
     return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_mm)]
-
-
-def sliding_window_count(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """Number of ROI windows MONAI's sliding window visits on ``shape`` (after padding up to the ROI).
-
-    Args:
-        shape: volume grid ``[X, Y, Z]`` after resampling.
-        roi_size: window ``[X, Y, Z]``.
-        overlap: fraction of overlap between neighbouring windows.
-    """
-    count = 1
-    for n, r in zip(shape, roi_size):
-        n = max(int(n), int(r))
-        interval = max(int(r * (1 - overlap)), 1)
-        count *= int(np.ceil((n - r) / interval)) + 1 if n > r else 1
-    return count
 
 
 def _torch_segmenter(entry: dict, precision: str, threads: int) -> SegmentFile:

@@ -18,7 +18,6 @@ No step needs an engineer to know whether the CPU has VNNI or AMX.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import statistics
@@ -30,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from deploy.errors import RuntimeChoiceError
-from deploy.files import write_json
+from deploy.files import file_sha256, write_json
 from deploy.machine import cpu_info, machine_key, usable_cache_dir
 
 CHOICE_FILE = "runtime_choice.json"
@@ -119,8 +118,7 @@ def qualifying(bundle: Mapping[str, Any], runtime: str = "auto", precision: str 
 
 
 def _bundle_id(bundle: Mapping[str, Any]) -> str:
-    manifest = Path(bundle["dir"]) / "model.json"
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    return file_sha256(Path(bundle["dir"]) / "model.json")[:16]
 
 
 def _versions() -> dict[str, str]:
@@ -172,7 +170,10 @@ def choose(bundle: Mapping[str, Any], threads: int | None = None, runtime: str =
         raise RuntimeChoiceError(f"{bundle.get('dir')}: no runtime/precision qualifies for --runtime {runtime} "
                                  f"--precision {precision} ({reasons})")
     cpu = cpu_info()
-    folder = usable_cache_dir("") if use_cache and len(keys) > 1 else None
+    if len(keys) == 1:  # nothing to choose between: no measurement, nothing cached
+        rt, prec = keys[0].split("/")
+        return Choice(rt, prec, {}, dice, reference, rejected, cpu, threads)
+    folder = usable_cache_dir("") if use_cache else None
     cache_key = "|".join([machine_key(_versions()), _bundle_id(bundle), str(threads), runtime, precision, ",".join(keys)])
     cache_file = folder / CHOICE_FILE if folder is not None else None
     stored: dict[str, Any] = {}
@@ -186,9 +187,6 @@ def choose(bundle: Mapping[str, Any], threads: int | None = None, runtime: str =
             known = {f.name for f in fields(Choice)}
             return Choice(**{**{k: v for k, v in hit.items() if k in known}, "cached": True, "cache_file": str(cache_file)})
     window_ms: dict[str, float] = {}
-    if len(keys) == 1:  # nothing to choose between: no measurement, nothing cached
-        rt, prec = keys[0].split("/")
-        return Choice(rt, prec, window_ms, dice, reference, rejected, cpu, threads)
     for key in keys:
         rt, prec = key.split("/")
         window_ms[key] = time_window(bundle, rt, prec, threads, repeats, compile_cache=use_cache)

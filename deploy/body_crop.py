@@ -21,13 +21,20 @@ def body_box(hu: np.ndarray, threshold_hu: float, margin: int) -> tuple[slice, s
     Returns:
         three slices; the whole volume when no voxel exceeds the threshold.
     """
-    body = hu > threshold_hu
-    if not body.any():
-        return tuple(slice(0, s) for s in hu.shape)
+    box = mask_box(hu > threshold_hu, margin)
+    return box if box is not None else tuple(slice(0, s) for s in hu.shape)
+
+
+def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Bounding box (slices) of the true voxels of ``mask``, grown by ``margin`` and clipped; ``None`` when
+    there is none. The one box of the project: the body crop, the foreground box of the way back to the
+    input grid (``deploy.geometry``) and the scoring crop (``benchmarks.accuracy``)."""
+    if not mask.any():
+        return None
     box = []
-    for axis in range(3):
-        present = np.nonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + margin + 1, hu.shape[axis])))
+    for axis in range(mask.ndim):
+        present = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + margin + 1, mask.shape[axis])))
     return tuple(box)
 
 

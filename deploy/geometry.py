@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from nibabel import orientations
 
+from deploy.body_crop import mask_box
 from deploy.volume_io import label_dtype
 
 
@@ -59,11 +60,13 @@ def _axis_weights(n: int, out_size: int, step: float, dtype: np.dtype) -> tuple[
 
 
 def _interpolate(array: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``a[lo] + (a[hi] - a[lo]) * w`` along ``axis``, with one temporary instead of four."""
+    """``a[lo] + (a[hi] - a[lo]) * w`` along ``axis``, with one temporary instead of four, computed in ``w``'s
+    type: an integer volume is gathered as it is and converted after (the same values as converting it whole,
+    since float32 holds every CT integer exactly)."""
     shape = [1] * array.ndim
     shape[axis] = len(w)
-    a_lo = np.take(array, lo, axis=axis)
-    out = np.take(array, hi, axis=axis)
+    a_lo = np.take(array, lo, axis=axis).astype(w.dtype, copy=False)
+    out = np.take(array, hi, axis=axis).astype(w.dtype, copy=False)
     out -= a_lo
     out *= w.reshape(shape)
     out += a_lo
@@ -152,25 +155,22 @@ def to_model_grid(image: np.ndarray, affine: np.ndarray, spacing_mm: Sequence[fl
     base, base_to_input = _memory_axes(image)
     # oriented axis -> (axis of ``base``, flipped)
     where = {int(to_target[i][0]): (base_to_input.index(i), to_target[i][1] < 0) for i in range(3)}
+    kept = {a for a in range(3) if oriented_shape[a] == out_shape[a] and steps[a] == 1.0}  # nothing to resample
     out = base
     for axis in _axis_order(oriented_shape, out_shape):
-        if oriented_shape[axis] == out_shape[axis] and steps[axis] == 1.0:
+        if axis in kept:
             continue
         b, flipped = where[axis]
         n = oriented_shape[axis]
         lo, hi, w = _axis_weights(n, int(out_shape[axis]), float(steps[axis]), np.dtype(np.float32))
         if flipped:
             lo, hi = n - 1 - lo, n - 1 - hi
-        if out.dtype != np.float32:
-            out = _interpolate_converted(out, b, lo, hi, w)
-        else:
-            out = _interpolate(out, b, lo, hi, w)
+        out = _interpolate(out, b, lo, hi, w)
     out = out.astype(np.float32, copy=False)
     # back to the oriented axis order; flips of axes that were resampled are already in the indices
     index = [slice(None)] * 3
     for axis, (b, flipped) in where.items():
-        resampled_axis = not (oriented_shape[axis] == out_shape[axis] and steps[axis] == 1.0)
-        if flipped and not resampled_axis:
+        if flipped and axis in kept:
             index[b] = slice(None, None, -1)
     out = out[tuple(index)].transpose([where[a][0] for a in range(3)])
     geometry = Geometry(
@@ -182,19 +182,6 @@ def to_model_grid(image: np.ndarray, affine: np.ndarray, spacing_mm: Sequence[fl
         spacing_out=tuple(float(s) for s in spacing_out),
     )
     return np.ascontiguousarray(out, dtype=np.float32), geometry
-
-
-def _interpolate_converted(array: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """:func:`_interpolate` of an integer array: gather in its own type, then compute in float32 (the same
-    values as converting the whole array first, since float32 holds every CT integer exactly)."""
-    shape = [1] * array.ndim
-    shape[axis] = len(w)
-    a_lo = np.take(array, lo, axis=axis).astype(np.float32)
-    out = np.take(array, hi, axis=axis).astype(np.float32)
-    out -= a_lo
-    out *= w.reshape(shape)
-    out += a_lo
-    return out
 
 
 def _foreground_range(lo: np.ndarray, hi: np.ndarray, first: int, last: int) -> tuple[int, int]:
@@ -235,16 +222,15 @@ def logits_to_source(logits: np.ndarray, geometry: Geometry, chunk_voxels: int =
     weights = {a: _axis_weights(logits.shape[1 + a], out_shape[a], float(steps[a]), logits.dtype) for a in range(3)}
     identity = {a: logits.shape[1 + a] == out_shape[a] and steps[a] == 1.0 for a in range(3)}
     labels = np.zeros(out_shape, dtype=label_dtype(logits.shape[0]))
-    foreground = np.argmax(logits, axis=0) != 0
+    foreground = mask_box(np.argmax(logits, axis=0) != 0)
     inverse = _inverse_ornt(geometry.to_target)
-    if not foreground.any():
+    if foreground is None:
         return np.ascontiguousarray(orientations.apply_orientation(labels, inverse))
     # the output box, and the model voxels its cells read, per axis
     box, source = [], []
     for a in range(3):
-        present = np.nonzero(foreground.any(axis=tuple(b for b in range(3) if b != a)))[0]
         lo, hi, w = weights[a]
-        j0, j1 = _foreground_range(lo, hi, int(present[0]), int(present[-1]))
+        j0, j1 = _foreground_range(lo, hi, foreground[a].start, foreground[a].stop - 1)
         box.append(slice(j0, j1))
         if identity[a]:  # output voxel j is model voxel j (weight 0 on the next one)
             source.append(slice(j0, j1))

@@ -1,14 +1,13 @@
 """Reading a CT NIfTI for segmentation (with the checks an edge device needs) and writing the mask."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from deploy.files import atomic_path
+from deploy.files import atomic_path, write_json
 from deploy.errors import InputVolumeError
 
 
@@ -130,10 +129,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Ima
 
 def write_json_report(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write a JSON report (``deploy.infer --report``) atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+    return write_json(path, payload)
 
 
 def label_dtype(num_classes: int) -> type:
