@@ -117,3 +117,22 @@ def test_cli_writes_msd_dataset_with_preview(tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(out / "labelsTr" / "phantom_001.nii.gz").dataobj), label)
     np.testing.assert_allclose(img.affine, affine, atol=1e-4)
     assert not list(out.rglob(".*tmp*"))  # no temporary files left behind
+
+
+def test_a_clinical_field_of_view_keeps_the_anatomy_at_its_size_with_air_around():
+    """--spacing: the field of view is size x spacing; organs keep their physical size and the body its
+    centre, and the voxels outside the usual field of view are air."""
+    base_image, base_label, base_affine = make_phantom(3, SMALL)
+    spacing = tuple(2 * f / n for f, n in zip(FIELD_OF_VIEW_MM, SMALL))  # twice the field of view
+    image, label, affine = make_phantom(3, SMALL, spacing_mm=spacing)
+    np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), spacing)
+    ml = lambda lab, aff: {k: (lab == k).sum() * abs(np.linalg.det(aff[:3, :3])) / 1000 for k in range(1, 8)}  # noqa: E731
+    base_ml, wide_ml = ml(base_label, base_affine), ml(label, affine)
+    for k in range(1, 8):
+        assert wide_ml[k] == pytest.approx(base_ml[k], rel=0.5), (LABELS[k], base_ml[k], wide_ml[k])
+    # the outer quarter of each in-plane axis lies outside the usual field of view: air, no organ
+    q = SMALL[0] // 4
+    assert image[:q].max() <= -900 and image[-q:].max() <= -900 and not label[:q].any()
+    assert image[SMALL[0] // 2, SMALL[1] // 2].max() > -500  # the body at the centre
+    with pytest.raises(PhantomError, match="spacing"):
+        make_phantom(3, SMALL, spacing_mm=(1.0, 0.0, 2.0))
