@@ -41,6 +41,11 @@ VARIANTS: dict[str, tuple[float, dict[str, Any]]] = {
     "kd_pseudo_l0.8": (0.8, {"pseudo_labels": True, "kd_weighting": "uniform"}),
     "kd_balanced": (0.5, {"pseudo_labels": False, "kd_weighting": "class_balanced"}),
     "kd_pseudo_balanced_half": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5}),
+    "kd_l1_balanced": (1.0, {"kd_weighting": "class_balanced", "labelled_fraction": 0.5}),
+    # The same losses under a cosine decay to 0 at the run's last step (the demo's students use a constant rate).
+    "lambda0_cosine": (0.0, {"schedule": "cosine"}),
+    "kd_half_cosine": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
+                             "schedule": "cosine"}),
 }
 REGIMES = ("few", "full")
 
