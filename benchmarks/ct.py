@@ -33,7 +33,7 @@ class CtWorkloadError(RuntimeError):
 
 def clinical_phantom(root: str | Path) -> tuple[Path, Path]:
     """Write (or reuse) the workload's CT and its label under ``root``; returns ``(image, label)`` paths."""
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
 
     root = Path(root)
     image, label = root / "imagesTr" / "phantom_000.nii.gz", root / "labelsTr" / "phantom_000.nii.gz"

@@ -222,7 +222,7 @@ def sweep_settings(bundle_dir: str | Path, in_path: str | Path, runtimes: Sequen
 
 
 def _phantom_volume(tmp: Path, size: Sequence[int]) -> Path:
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
 
     root = write_dataset(tmp / "volume", cases=1, test_cases=0, seed=0, size=tuple(size))
     return sorted(Path(root).glob("imagesTr/*.nii*"))[0]

@@ -292,7 +292,7 @@ def _count_gflops(entries: Sequence[ModelEntry]) -> None:
 
 def _phantom_dataset(root: Path, quick: bool, cases: int = 2) -> Path:
     """A phantom dataset (``data.phantom``): 96×96×48 voxels in quick mode, else 192×160×96."""
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
 
     size = (96, 96, 48) if quick else (192, 160, 96)
     return Path(write_dataset(root, cases=cases, test_cases=0, seed=0, size=size) or root)
@@ -306,7 +306,7 @@ def _volume(volume_path: str | Path | None, phantoms: Path | None) -> tuple[Path
     if volume_path is None:
         candidates = sorted(Path(phantoms).glob("imagesTr/*.nii*"))
         if not candidates:
-            raise BenchmarkConfigError(f"{phantoms}: data.phantom.write_dataset wrote no imagesTr volume")
+            raise BenchmarkConfigError(f"{phantoms}: data.phantom_dataset.write_dataset wrote no imagesTr volume")
         volume_path = candidates[0]
         source = "synthetic phantom (data.phantom)"
     else:

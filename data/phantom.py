@@ -1,4 +1,4 @@
-"""Synthetic abdominal CT phantoms with organ labels, written as an MSD-layout dataset.
+"""Synthetic abdominal CT phantoms with organ labels: the anatomy of one case (:func:`make_phantom`).
 
 Each case is a contrast-enhanced abdomen in Hounsfield units: a body outline with subcutaneous fat and a
 muscle wall, ribs, a spine with vertebral bodies, discs and posterior arches, lung bases, bowel loops in
@@ -10,29 +10,20 @@ so a model has to learn shape and position, not a threshold.
 
 The anatomy is drawn in a canonical frame of an adult abdomen (millimetres, RAS, z from the inferior
 edge of the field of view) and scaled into a fixed physical field of view; ``size`` only changes the
-voxel count, so a small phantom is a coarser scan of the same anatomy. Shapes are implicit functions
-evaluated inside their bounding boxes; smooth random fields come from a coarse random grid upsampled by
-separable B-spline matrices, which is what keeps a 160x128x48 case well under a second on one core.
-
-Command line::
-
-    python -m data.phantom --out runs/phantoms --cases 16 --test-cases 4 --seed 0 --size 160 128 48 --preview
+voxel count, so a small phantom is a coarser scan of the same anatomy. The shapes and noise fields come
+from ``data.phantom_geometry``. ``data.phantom_dataset`` writes cases as an MSD-layout dataset;
+``python -m data.phantom`` runs its command line (``data.phantom_dataset.main``).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data.atomic import atomic_path, write_json_atomic
+from data.phantom_geometry import Canvas, Grid, ellipsoid, shape_modes, smooth_noise, tube
 
 # Bump when the anatomy or intensities change, so cached phantom datasets are regenerated.
 PHANTOM_VERSION = 1
@@ -52,132 +43,10 @@ LABELS = {
 # The canonical frame spans x, y in [-170, 170] mm and z in [0, 240] mm; it is scaled into the field of view.
 _CANONICAL_HALF_WIDTH_MM = 170.0
 _CANONICAL_HEIGHT_MM = 240.0
-_AIR_HU = -1000.0
 
 
 class PhantomError(ValueError):
     """Invalid phantom parameters (size, case counts, output folder)."""
-
-
-@dataclass
-class _Grid:
-    """Voxel-centre coordinates in the canonical frame for an internal RAS-ordered array."""
-
-    x: np.ndarray  # (X,) canonical mm, increasing towards the patient's right
-    y: np.ndarray  # (Y,) increasing towards anterior
-    z: np.ndarray  # (Z,) increasing towards superior
-    spacing_mm: tuple[float, float, float]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.x.size, self.y.size, self.z.size)
-
-    def box(self, lo: Sequence[float], hi: Sequence[float]) -> tuple[tuple[slice, slice, slice], tuple[np.ndarray, ...]]:
-        """Index slices covering canonical bounds [lo, hi] and open-grid coordinates inside them."""
-        slices = []
-        coords = []
-        for axis, (axis_coords, a, b) in enumerate(zip((self.x, self.y, self.z), lo, hi)):
-            start = int(np.searchsorted(axis_coords, a, side="left"))
-            stop = int(np.searchsorted(axis_coords, b, side="right"))
-            stop = max(stop, start)
-            slices.append(slice(start, stop))
-            view = [1, 1, 1]
-            view[axis] = stop - start
-            coords.append(axis_coords[start:stop].reshape(view))
-        return tuple(slices), tuple(coords)
-
-
-def _bspline_upsampling_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) weights of a cubic B-spline through n_in control points, sampled at n_out positions."""
-    positions = (np.arange(n_out) + 0.5) / n_out * (n_in - 3) + 1.0
-    d = np.abs(positions[:, None] - np.arange(n_in)[None, :])
-    w = np.where(d < 1, 2.0 / 3.0 - d**2 + d**3 / 2.0, np.where(d < 2, (2.0 - d) ** 3 / 6.0, 0.0))
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], spacing_mm: Sequence[float], corr_mm: float) -> np.ndarray:
-    """Zero-mean, unit-std random field of ``shape`` whose features are about ``corr_mm`` wide."""
-    coarse = [max(4, int(math.ceil(n * s / corr_mm)) + 3) for n, s in zip(shape, spacing_mm)]
-    control = rng.standard_normal(coarse).astype(np.float32)
-    mx, my, mz = (_bspline_upsampling_matrix(n, c) for n, c in zip(shape, coarse))
-    field = np.einsum("ia,abc->ibc", mx, control)
-    field = np.einsum("jb,ibc->ijc", my, field)
-    field = np.einsum("kc,ijc->ijk", mz, field)
-    field -= field.mean()
-    field /= max(float(field.std()), 1e-6)
-    return field
-
-
-def _shape_modes(rng: np.random.Generator, amplitude: float) -> np.ndarray:
-    """Coefficients of a smooth radial deformation (see ``_ellipsoid``)."""
-    return rng.normal(0.0, amplitude, size=8)
-
-
-def _radial_modulation(nu: np.ndarray, nv: np.ndarray, nw: np.ndarray, modes: np.ndarray) -> np.ndarray:
-    # Low-order polynomials of the unit direction: dents, bulges and tapers that stay smooth.
-    basis = (nu, nv, nw, nu * nv, nv * nw, nu * nw, nu * nu - nv * nv, 3.0 * nw * nw - 1.0)
-    m = np.ones_like(nu)
-    for c, b in zip(modes, basis):
-        m += c * b
-    return np.maximum(m, 0.3)
-
-
-def _ellipsoid(grid: _Grid, centre: Sequence[float], radii: Sequence[float], angle_deg: float = 0.0,
-               modes: np.ndarray | None = None):
-    """Level of a deformed ellipsoid rotated by ``angle_deg`` in the axial plane: < 1 inside.
-
-    Returns (box slices, level array over the box).
-    """
-    reach = 1.6 * max(radii)
-    box, (gx, gy, gz) = grid.box([c - reach for c in centre], [c + reach for c in centre])
-    a = math.radians(angle_deg)
-    dx, dy, dz = gx - centre[0], gy - centre[1], gz - centre[2]
-    pu = (math.cos(a) * dx + math.sin(a) * dy) / radii[0]
-    pv = (-math.sin(a) * dx + math.cos(a) * dy) / radii[1]
-    pw = dz / radii[2]
-    r = np.sqrt(pu * pu + pv * pv + pw * pw)
-    if modes is None:
-        return box, r
-    safe = np.maximum(r, 1e-6)
-    return box, r / _radial_modulation(pu / safe, pv / safe, pw / safe, modes)
-
-
-def _tube(grid: _Grid, points: Sequence[Sequence[float]], radii: Sequence[float]):
-    """Level of a tube along a polyline with linearly varying radius: < 1 inside. Returns (box, level)."""
-    pts = np.asarray(points, dtype=np.float64)
-    rad = np.asarray(radii, dtype=np.float64)
-    reach = 1.3 * rad.max()
-    box, (gx, gy, gz) = grid.box(pts.min(axis=0) - reach, pts.max(axis=0) + reach)
-    level = None
-    for (a, b, ra, rb) in zip(pts[:-1], pts[1:], rad[:-1], rad[1:]):
-        ab = b - a
-        t = ((gx - a[0]) * ab[0] + (gy - a[1]) * ab[1] + (gz - a[2]) * ab[2]) / float(ab @ ab)
-        t = np.clip(t, 0.0, 1.0)
-        d2 = (gx - a[0] - t * ab[0]) ** 2 + (gy - a[1] - t * ab[1]) ** 2 + (gz - a[2] - t * ab[2]) ** 2
-        seg = np.sqrt(d2) / (ra + t * (rb - ra))
-        level = seg if level is None else np.minimum(level, seg)
-    return box, level
-
-
-class _Canvas:
-    """The volume being painted: HU image, label map, and the abdominal cavity that organs are clipped to."""
-
-    def __init__(self, grid: _Grid):
-        self.grid = grid
-        self.image = np.full(grid.shape, _AIR_HU, dtype=np.float32)
-        self.label = np.zeros(grid.shape, dtype=np.uint8)
-        self.cavity = np.zeros(grid.shape, dtype=bool)
-
-    def paint(self, box, mask: np.ndarray, hu: float | np.ndarray, label: int | None = None,
-              clip_to_cavity: bool = True) -> np.ndarray:
-        """Set HU (and optionally the label) where ``mask`` (over ``box``) holds; returns the mask used."""
-        if clip_to_cavity:
-            mask = mask & self.cavity[box]
-        region = self.image[box]
-        region[mask] = hu if np.isscalar(hu) else hu[mask]
-        if label is not None:
-            self.label[box][mask] = label
-        return mask
 
 
 def _case_parameters(rng: np.random.Generator) -> dict:
@@ -202,7 +71,7 @@ def _case_parameters(rng: np.random.Generator) -> dict:
     for name in ("liver_r", "liver_l", "spleen", "kidney_r", "kidney_l", "gallbladder", "lung_r", "lung_l"):
         organs[name] = {
             "shift": rng.normal(0, 5, size=3), "scale": rng.uniform(0.88, 1.12, size=3),
-            "angle": rng.normal(0, 8), "modes": _shape_modes(rng, 0.07),
+            "angle": rng.normal(0, 8), "modes": shape_modes(rng, 0.07),
         }
     for name in ("stomach", "pancreas", "duodenum", "aorta", "ivc"):
         organs[name] = {"shift": rng.normal(0, 4, size=3), "wiggle": rng.normal(0, 4, size=(5, 3)),
@@ -224,7 +93,7 @@ def field_of_view(size: Sequence[int], spacing_mm: Sequence[float] | None) -> tu
     return tuple(n * v for n, v in zip(size, spacing))  # type: ignore[return-value]
 
 
-def _make_grid(size: Sequence[int], z_shift: float, fov: Sequence[float] = FIELD_OF_VIEW_MM) -> _Grid:
+def _make_grid(size: Sequence[int], z_shift: float, fov: Sequence[float] = FIELD_OF_VIEW_MM) -> Grid:
     """Voxel centres in the canonical frame. The anatomy always has the size it has in ``FIELD_OF_VIEW_MM``
     (the training phantoms'); a larger field of view adds air around the body in x, y and more trunk in z,
     with the anatomy centred, as a clinical CT of the same patient would."""
@@ -234,10 +103,10 @@ def _make_grid(size: Sequence[int], z_shift: float, fov: Sequence[float] = FIELD
     x = ((np.arange(size[0]) + 0.5) * spacing[0] - fov[0] / 2) / scale_xy
     y = ((np.arange(size[1]) + 0.5) * spacing[1] - fov[1] / 2) / scale_xy
     z = ((np.arange(size[2]) + 0.5) * spacing[2] - (fov[2] - FIELD_OF_VIEW_MM[2]) / 2) / scale_z + z_shift
-    return _Grid(x.astype(np.float32), y.astype(np.float32), z.astype(np.float32), spacing)
+    return Grid(x.astype(np.float32), y.astype(np.float32), z.astype(np.float32), spacing)
 
 
-def _paint_body(c: _Canvas, p: dict, bowel_field: np.ndarray, fine: np.ndarray, shape_noise: np.ndarray) -> None:
+def _paint_body(c: Canvas, p: dict, bowel_field: np.ndarray, fine: np.ndarray, shape_noise: np.ndarray) -> None:
     """Body outline, fat, muscle wall, abdominal cavity with bowel in mesenteric fat, and ribs."""
     g, hu = c.grid, p["hu"]
     x, y, z = g.x[:, None, None], g.y[None, :, None], g.z[None, None, :]
@@ -267,7 +136,7 @@ def _paint_body(c: _Canvas, p: dict, bowel_field: np.ndarray, fine: np.ndarray, 
     c.image[rib_zone & (rib_phase < 6.0)] = hu["cortical"] * 0.7
 
 
-def _paint_spine_and_muscles(c: _Canvas, p: dict) -> None:
+def _paint_spine_and_muscles(c: Canvas, p: dict) -> None:
     g, hu = c.grid, p["hu"]
     box, (x, y, z) = g.box([-60, -125, -20], [60, -15, 260])
     full = np.ones(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=bool)
@@ -304,12 +173,12 @@ def _path(points: Sequence[Sequence[float]], org: dict, scale: float) -> np.ndar
     return pts + org["wiggle"][: len(pts)] * np.array([1.0, 1.0, 0.5])
 
 
-def _paint_organs(c: _Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray, label_gallbladder: bool) -> None:
+def _paint_organs(c: Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray, label_gallbladder: bool) -> None:
     g, hu, o, s = c.grid, p["hu"], p["organs"], p["organ_scale"]
 
     def ell(name: str, centre, radii, angle=0.0):
         org = o[name]
-        box, level = _ellipsoid(g, _shifted(centre, org, s), [r * s * k for r, k in zip(radii, org["scale"])],
+        box, level = ellipsoid(g, _shifted(centre, org, s), [r * s * k for r, k in zip(radii, org["scale"])],
                                 angle + org["angle"], org["modes"])
         return box, level + 0.04 * shape_noise[box]
 
@@ -327,7 +196,7 @@ def _paint_organs(c: _Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray
     box_l, level_l = ell("liver_l", (-22, 42, 192), (55, 38, 36), -10)
     c.paint(box_l, level_l < 1.0, textured(box_l, liver), 1)
     # Portal / hepatic vessel branches inside the liver are part of the liver label, as in real annotations.
-    vessels = _tube(g, _path([(20, 10, 140), (45, 20, 165), (75, 5, 190), (95, -10, 210)], o["ivc"], s), [6, 5, 4, 3])
+    vessels = tube(g, _path([(20, 10, 140), (45, 20, 165), (75, 5, 190), (95, -10, 210)], o["ivc"], s), [6, 5, 4, 3])
     c.paint(vessels[0], (vessels[1] < 1.0) & (c.label[vessels[0]] == 1), hu["portal"])
 
     box, level = ell("spleen", (-82, -36, 172), (28, 56, 52), -40)
@@ -337,7 +206,7 @@ def _paint_organs(c: _Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray
     c.paint(box, (level < 1.0) & ~hilum, textured(box, liver + hu["spleen_delta"]), 2)
 
     stomach_pts = _path([(-52, -8, 208), (-46, 28, 172), (-8, 52, 143), (24, 44, 133)], o["stomach"], s)
-    box, level = _tube(g, stomach_pts, np.array([32, 29, 19, 12]) * s * o["stomach"]["scale"])
+    box, level = tube(g, stomach_pts, np.array([32, 29, 19, 12]) * s * o["stomach"]["scale"])
     level = level + 0.05 * shape_noise[box]
     inside = level < 1.0
     sy = np.broadcast_to(g.y[box[1]][None, :, None], level.shape)
@@ -347,12 +216,12 @@ def _paint_organs(c: _Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray
 
     # Duodenum wraps the pancreatic head: unlabelled bowel with the same HU range as pancreas.
     duo = _path([(24, 44, 133), (46, 22, 122), (48, 4, 98), (12, -6, 86), (-18, 2, 92)], o["duodenum"], s)
-    box, level = _tube(g, duo, np.array([11, 11, 10, 9, 9]) * s * o["duodenum"]["scale"])
+    box, level = tube(g, duo, np.array([11, 11, 10, 9, 9]) * s * o["duodenum"]["scale"])
     duo_hu = np.where(fine[box] > 2.0, -700.0, hu["bowel"] + p["texture_hu"] * fine[box])
     c.paint(box, level < 1.0, duo_hu.astype(np.float32), 0)
 
     pan = _path([(30, 6, 110), (6, 16, 119), (-30, 10, 130), (-60, -6, 146)], o["pancreas"], s)
-    box, level = _tube(g, pan, np.array([15, 10, 10, 9]) * s * o["pancreas"]["scale"])
+    box, level = tube(g, pan, np.array([15, 10, 10, 9]) * s * o["pancreas"]["scale"])
     level = level + 0.06 * shape_noise[box]
     # Lobulated texture: pancreas is interspersed with fat.
     c.paint(box, level < 1.0, textured(box, hu["pancreas"], 1.5), 5)
@@ -373,13 +242,13 @@ def _paint_organs(c: _Canvas, p: dict, fine: np.ndarray, shape_noise: np.ndarray
 
     # Vessels last: the IVC passes behind the liver (not liver), the aorta runs along the spine.
     aorta = _path([(-14, -14, -10), (-13, -16, 80), (-11, -18, 170), (-9, -22, 250)], o["aorta"], s)
-    box, level = _tube(g, aorta, np.full(4, 11.0) * s * o["aorta"]["scale"])
+    box, level = tube(g, aorta, np.full(4, 11.0) * s * o["aorta"]["scale"])
     c.paint(box, level < 1.0, textured(box, hu["aorta"], 0.5), 7, clip_to_cavity=False)
     ivc = _path([(24, -12, -10), (24, -10, 120), (28, -14, 200), (30, -20, 250)], o["ivc"], s)
-    box, level = _tube(g, ivc, np.full(4, 11.0) * s * o["ivc"]["scale"])
+    box, level = tube(g, ivc, np.full(4, 11.0) * s * o["ivc"]["scale"])
     c.paint(box, level < 1.0, textured(box, hu["ivc"], 0.5), 0, clip_to_cavity=False)
     smv = _path([(8, 4, -10), (7, 2, 60), (6, 0, 112)], o["aorta"], s)
-    box, level = _tube(g, smv, np.full(3, 5.0) * s)
+    box, level = tube(g, smv, np.full(3, 5.0) * s)
     c.paint(box, (level < 1.0) & (c.label[box] == 0), textured(box, hu["portal"], 0.5), 0)
 
 
@@ -402,7 +271,8 @@ def phantom_affine(size: Sequence[int], origin_offset: Sequence[float] = (0.0, 0
     return affine
 
 
-def _validate_size(size: Sequence[int]) -> tuple[int, int, int]:
+def validate_size(size: Sequence[int]) -> tuple[int, int, int]:
+    """``size`` as three ints (X, Y, Z), each at least 8; else a :class:`PhantomError` naming it."""
     try:
         out = tuple(int(v) for v in size)
     except (TypeError, ValueError) as exc:
@@ -428,17 +298,17 @@ def make_phantom(rng_or_seed: int | np.random.Generator, size: Sequence[int] = D
         label: uint8 array (X, Y, Z), classes of ``LABELS`` (1..7, and 8 if ``label_gallbladder``).
         affine: 4x4 voxel-to-world (RAS mm) matrix with flipped x, y axes and an origin offset.
     """
-    size = _validate_size(size)
+    size = validate_size(size)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     p = _case_parameters(rng)
     fov = field_of_view(size, spacing_mm)
     grid = _make_grid(size, p["z_shift"], fov)
-    shape_noise = _smooth_noise(rng, size, grid.spacing_mm, 12.0)
-    bowel_field = _smooth_noise(rng, size, grid.spacing_mm, 16.0)
-    fine = _smooth_noise(rng, size, grid.spacing_mm, 3.0)
+    shape_noise = smooth_noise(rng, size, grid.spacing_mm, 12.0)
+    bowel_field = smooth_noise(rng, size, grid.spacing_mm, 16.0)
+    fine = smooth_noise(rng, size, grid.spacing_mm, 3.0)
     acquisition = rng.standard_normal(size, dtype=np.float32)
 
-    canvas = _Canvas(grid)
+    canvas = Canvas(grid)
     _paint_body(canvas, p, bowel_field, fine, shape_noise)
     _paint_spine_and_muscles(canvas, p)
     _paint_organs(canvas, p, fine, shape_noise, label_gallbladder)
@@ -455,190 +325,7 @@ def make_phantom(rng_or_seed: int | np.random.Generator, size: Sequence[int] = D
     return image, label, phantom_affine(size, offset, fov)
 
 
-def dataset_labels(label_gallbladder: bool = False) -> dict[int, str]:
-    """The phantom's class names, ``{id: name}`` including background."""
-    return {k: v for k, v in LABELS.items() if k != 8 or label_gallbladder}
+if __name__ == "__main__":  # the command line is the dataset writer's
+    from data.phantom_dataset import main
 
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(img, tmp)
-
-
-def case_rng(seed: int, split: int, index: int) -> np.random.Generator:
-    """The random stream of case ``index`` of a split (0 training, 1 test) of dataset ``seed``.
-
-    Each case has its own stream, so a case's content does not depend on how many cases are written.
-    """
-    return np.random.default_rng(np.random.SeedSequence([int(seed), split, index]))
-
-
-def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int = 0,
-                  size: Sequence[int] = DEFAULT_SIZE, preview: bool = False, *, label_gallbladder: bool = False,
-                  verbose: bool = False, spacing_mm: Sequence[float] | None = None) -> Path:
-    """Write an MSD-layout phantom dataset (imagesTr, labelsTr, imagesTs, dataset.json) under ``root``.
-
-    Args:
-        root: output folder (created if needed).
-        cases: number of labelled training cases (>= 1).
-        test_cases: number of unlabelled cases in imagesTs.
-        seed: dataset seed; case i of a split is generated from (seed, split, i).
-        size: voxel counts (X, Y, Z) of every case.
-        preview: also write preview.png, a contact sheet of slices with label overlays.
-        label_gallbladder: label the gallbladder as class 8.
-        verbose: print one line per case and summary statistics.
-        spacing_mm: voxel spacing (field of view ``size × spacing_mm``); ``None``: the default field of view.
-
-    Returns:
-        The dataset root.
-    """
-    if int(cases) < 1 or int(test_cases) < 0:
-        raise PhantomError(f"need cases >= 1 and test_cases >= 0, got cases={cases}, test_cases={test_cases}")
-    size = _validate_size(size)
-    fov = field_of_view(size, spacing_mm)
-    root = Path(root)
-    labels = dataset_labels(label_gallbladder)
-    training, test = [], []
-    previews = []
-    volumes = {k: [] for k in labels if k}
-    mean_hu = {k: [] for k in labels if k}
-    for split, count in ((0, int(cases)), (1, int(test_cases))):
-        for i in range(count):
-            case_id = f"phantom_{i:03d}" if split == 0 else f"phantom_ts_{i:03d}"
-            t0 = time.perf_counter()
-            image, label, affine = make_phantom(case_rng(seed, split, i), size, label_gallbladder=label_gallbladder,
-                                                spacing_mm=spacing_mm)
-            seconds = time.perf_counter() - t0
-            image_rel = f"./imagesTr/{case_id}.nii.gz" if split == 0 else f"./imagesTs/{case_id}.nii.gz"
-            _save_nifti(image, affine, root / image_rel)
-            if split == 0:
-                label_rel = f"./labelsTr/{case_id}.nii.gz"
-                _save_nifti(label, affine, root / label_rel)
-                training.append({"image": image_rel, "label": label_rel})
-                voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-                for k in volumes:
-                    mask = label == k
-                    volumes[k].append(float(mask.sum()) * voxel_ml)
-                    if mask.any():
-                        mean_hu[k].append(float(image[mask].mean()))
-            else:
-                test.append(image_rel)
-            if preview and len(previews) < 6:
-                previews.append((case_id, image, label if split == 0 else None, affine))
-            if verbose:
-                present = sorted(int(v) for v in np.unique(label) if v) if split == 0 else []
-                print(f"{case_id}: {size[0]}x{size[1]}x{size[2]} voxels, "
-                      f"HU [{int(image.min())}, {int(image.max())}], "
-                      f"organs {len(present)}/{len(labels) - 1}, {seconds:.2f} s", flush=True)
-    info = {
-        "name": "Phantom",
-        "description": "Synthetic contrast-enhanced abdominal CT phantoms (sam3d-distill data.phantom)",
-        "reference": "generated", "licence": "CC0", "release": "1.0",
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(k): v for k, v in labels.items()},
-        "numTraining": len(training),
-        "numTest": len(test),
-        "training": training,
-        "test": test,
-        # Lets a pipeline tell whether an existing phantom dataset matches the one it would generate.
-        "generator": {"name": "data.phantom", "version": PHANTOM_VERSION, "seed": int(seed), "cases": int(cases),
-                      "test_cases": int(test_cases), "size": list(size), "label_gallbladder": bool(label_gallbladder),
-                      "field_of_view_mm": [round(f, 4) for f in fov]},
-    }
-    write_json_atomic(root / "dataset.json", info)
-    if preview and previews:
-        render_preview(previews, labels, root / "preview.png")
-    if verbose:
-        print(f"wrote {len(training)} training + {len(test)} test cases to {root}")
-        print(f"{'class':<14}{'volume ml (mean ± sd)':>24}{'mean HU':>10}")
-        for k, name in labels.items():
-            if k:
-                v = np.asarray(volumes[k])
-                hu = f"{np.mean(mean_hu[k]):.0f}" if mean_hu[k] else "-"
-                print(f"{name:<14}{v.mean():>14.1f} ± {v.std():<7.1f}{hu:>10}")
-    return root
-
-
-def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(affine))
-
-
-def render_preview(cases: Sequence[tuple], labels: dict[int, str], path: str | Path) -> Path:
-    """Write a contact sheet: per case three axial slices and one coronal slice, labels overlaid.
-
-    Args:
-        cases: tuples (case_id, image (X, Y, Z), label (X, Y, Z) or None, affine).
-        labels: ``{id: name}`` for the legend.
-        path: PNG to write (atomically).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    colours = plt.get_cmap("tab10").colors
-    cmap = ListedColormap([(0, 0, 0, 0)] + [(*colours[(k - 1) % 10], 1.0) for k in range(1, max(labels) + 1)])
-    rows = len(cases)
-    fig, axes = plt.subplots(rows, 4, figsize=(13, 3.2 * rows), squeeze=False)
-    for r, (case_id, image, label, affine) in enumerate(cases):
-        img = _to_ras(image, affine).astype(np.float32)
-        lab = _to_ras(label, affine) if label is not None else None
-        zooms = np.abs(np.diag(affine)[:3])
-        nz = img.shape[2]
-        for c, frac in enumerate((0.38, 0.55, 0.72)):
-            k = int(frac * (nz - 1))
-            # Radiological view: patient's right on the left of the picture, anterior up.
-            axes[r, c].imshow(img[::-1, :, k].T, cmap="gray", vmin=-175, vmax=250, origin="lower",
-                              aspect=zooms[1] / zooms[0])
-            if lab is not None:
-                axes[r, c].imshow(lab[::-1, :, k].T, cmap=cmap, vmin=0, vmax=max(labels), alpha=0.35,
-                                  origin="lower", interpolation="nearest", aspect=zooms[1] / zooms[0])
-            axes[r, c].set_title(f"{case_id} axial z={k}", fontsize=8)
-        j = int(0.45 * (img.shape[1] - 1))
-        axes[r, 3].imshow(img[::-1, j, :].T, cmap="gray", vmin=-175, vmax=250, origin="lower",
-                          aspect=zooms[2] / zooms[0])
-        if lab is not None:
-            axes[r, 3].imshow(lab[::-1, j, :].T, cmap=cmap, vmin=0, vmax=max(labels), alpha=0.35, origin="lower",
-                              interpolation="nearest", aspect=zooms[2] / zooms[0])
-        axes[r, 3].set_title(f"{case_id} coronal y={j}", fontsize=8)
-        for ax in axes[r]:
-            ax.set_axis_off()
-    handles = [Patch(color=cmap(k), label=f"{k} {name}") for k, name in labels.items() if k]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return Path(path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.phantom", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="dataset folder to write")
-    parser.add_argument("--cases", type=int, default=16, help="labelled training cases")
-    parser.add_argument("--test-cases", type=int, default=0, help="unlabelled cases (imagesTs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, nargs=3, default=list(DEFAULT_SIZE), metavar=("X", "Y", "Z"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
-                        help="voxel spacing in mm (field of view = size x spacing, anatomy at its usual size), "
-                             "e.g. --size 512 512 200 --spacing 0.8 0.8 2.5 for a clinical-size CT")
-    parser.add_argument("--preview", action="store_true", help="write preview.png")
-    parser.add_argument("--gallbladder", action="store_true", help="label the gallbladder as class 8")
-    args = parser.parse_args(argv)
-    try:
-        write_dataset(args.out, args.cases, args.test_cases, args.seed, args.size, args.preview,
-                      label_gallbladder=args.gallbladder, verbose=True, spacing_mm=args.spacing)
-    except PhantomError as exc:
-        parser.error(str(exc))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

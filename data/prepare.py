@@ -190,7 +190,7 @@ def _dataset_root(source: str, key: str, phantoms: Any, choices: str = "'phantom
 
 def _phantoms(root: Path, cases: int, test_cases: int, seed: int, size: Any, progress: bool) -> Path:
     """The phantom dataset under ``root``, written on first use."""
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
 
     if not (root / "dataset.json").is_file():
         if progress:

@@ -7,7 +7,7 @@ size as the run's ``data`` section) and scores the teacher on all of them with t
 
     python -m teacher.generalization --teacher runs/demo/teacher/teacher.pt --cases 20 --seed 777
 
-Phantom case ``i`` of dataset seed ``s`` is drawn from ``(s, split, i)`` alone (data.phantom.case_rng), so the
+Phantom case ``i`` of dataset seed ``s`` is drawn from ``(s, split, i)`` alone (data.phantom_dataset.case_rng), so the
 run's own seed would regenerate its training cases: that seed is refused.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
         ``{"dice": mean over classes, "per_class": {name: Dice}, "per_case": [mean per case], "cases", "seed"}``.
     """
     from data.atomic import atomic_path
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
     from evaluation.validation import validation_dice
     from data.transforms import load_transforms
     from training.batches import preload

@@ -20,7 +20,7 @@ os.environ.setdefault("SAM3D_DEPLOY_CACHE", tempfile.mkdtemp(prefix="sam3d_deplo
 @pytest.fixture(scope="session")
 def phantom_dataset(tmp_path_factory):
     """A small MSD-layout phantom dataset shared by tests (4 training cases, 1 test case, 64x64x32)."""
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
 
     root = tmp_path_factory.mktemp("phantoms")
     write_dataset(root, cases=4, test_cases=1, seed=0, size=(64, 64, 32))

@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data.phantom import FIELD_OF_VIEW_MM, LABELS, PhantomError, case_rng, make_phantom, write_dataset
+from data.phantom import FIELD_OF_VIEW_MM, LABELS, PhantomError, make_phantom
+from data.phantom_dataset import case_rng, write_dataset
 
 SMALL = (64, 64, 32)
 

@@ -20,7 +20,8 @@ import pytest
 
 from data.checks import BadCaseWarning, DataError, PlausibilityWarning, check_dataset, check_image
 from data.dataset import load_dataset
-from data.phantom import make_phantom, write_dataset
+from data.phantom import make_phantom
+from data.phantom_dataset import write_dataset
 from deploy import ImplausibleInputError, ImplausibleInputWarning, InputVolumeError, Segmenter, assess_ct, file_sha256
 
 SPEC = {"spacing_mm": [4.0, 4.0, 4.0], "orientation": "RAS",

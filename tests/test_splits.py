@@ -64,7 +64,7 @@ def test_prepared_data_scores_the_test_split_and_calibrates_on_training_cases(tm
 
 
 def test_export_calibration_draws_only_from_the_cases_it_is_given(tmp_path):
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
     from data.dataset import load_dataset
     from export.calibration import case_crops
 
@@ -120,7 +120,7 @@ def test_the_students_site_data_comes_from_another_seed_stream_with_a_chosen_num
         prepare_data(load_config("configs/demo.yaml", base + ["data.site.phantom_cases=5", "data.site.labelled=9"]),
                      tmp_path / "d3", progress=False)
     # A site dataset with other classes than the corpus's is refused before anything trains on it.
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
 
     other = write_dataset(tmp_path / "gallbladder", cases=2, seed=3, size=(48, 40, 24), label_gallbladder=True)
     with pytest.raises(DataStageError, match="differ from the corpus's"):

@@ -16,7 +16,7 @@ def _data(tmp_path, cases, labelled, unlabelled, val):
     are scans only (the students' site), the last ``val`` validate."""
     from configs import load_config
     from data.dataset import load_dataset
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
     from data.prepare import PreparedData, case_item
     from data.stats import preprocess_spec
 

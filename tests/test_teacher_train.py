@@ -232,7 +232,7 @@ def test_click_segmenter_answers_inside_a_crop_fixed_at_the_first_click(trained)
 
 
 def test_fresh_phantom_check_scores_new_phantoms_and_refuses_the_training_seed(trained, tmp_path):
-    from data.phantom import write_dataset
+    from data.phantom_dataset import write_dataset
     from evaluation.validation import validation_dice
     from teacher.generalization import GeneralizationError, fresh_phantom_dice, main as generalization_main
     from data.transforms import load_transforms
