@@ -55,7 +55,7 @@ def cpu_supports_bf16() -> bool:
         return openvino_bf16()
     except Exception:  # noqa: BLE001 - no OpenVINO or no CPU plugin: fall back to the CPU flags
         pass
-    from training.loop import cpu_has_native_bf16
+    from training.precision import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 

@@ -156,7 +156,8 @@ def train_teacher(
     from teacher.sam_med3d.interactive import interactive_training_loss
     from training.checkpoint import load_checkpoint
     from training.distributed import get_rank, is_distributed, wrap_model
-    from training.loop import TrainSettings, fit
+    from training.loop import fit
+    from training.settings import TrainSettings
 
     run_dir = Path(run_dir)
     tcfg = dict(cfg["teacher"])

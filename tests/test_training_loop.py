@@ -136,7 +136,7 @@ def test_settings_come_from_a_config_section():
 
 
 def test_bf16_on_cpu_is_opt_in_and_only_where_the_cpu_has_it(tmp_path):
-    from training.loop import cpu_has_native_bf16
+    from training.precision import cpu_has_native_bf16
 
     def recording(dtypes):
         def fn(model, batch):

@@ -27,8 +27,9 @@ validation function, and hands them to :func:`fit`::
     # result.best_path is the stage artifact (teacher.pt); result.history holds every validation.
 
 Modules: ``schedule`` (AdamW groups, warm-up + constant/poly/cosine), ``checkpoint`` (atomic save, load,
-restore, compatibility check), ``rng`` (seeding, RNG capture for exact resume), ``loop`` (``fit``),
-``tracking`` (MLflow), ``distributed`` (torchrun/DDP).
+restore, compatibility check), ``rng`` (seeding, RNG capture for exact resume), ``settings``
+(``TrainSettings``), ``precision`` (the autocast dtype, native bf16), ``loop`` (``fit``), ``tracking``
+(MLflow), ``distributed`` (torchrun/DDP).
 
 Resume: a second ``fit`` call with the same ``out_dir`` continues from ``last.pt`` (model, optimizer,
 scheduler, GradScaler, per-rank RNG, history); it is bit-identical to an uninterrupted run when the batch
@@ -54,9 +55,10 @@ from training.distributed import (
     unwrap_model,
     wrap_model,
 )
-from training.loop import FitResult, TrainSettings, TrainSettingsError, fit
+from training.loop import FitResult, fit
 from training.rng import capture_rng_state, restore_rng_state, seed_everything
 from training.schedule import build_optimizer, build_scheduler, lr_lambda
+from training.settings import TrainSettings, TrainSettingsError
 from training.tracking import Tracker, default_tracking_uri
 
 __all__ = [

@@ -14,7 +14,6 @@ and writes on rank 0 only, and shares rank 0's metrics with every rank.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import sys
 import time
@@ -39,130 +38,16 @@ from training.distributed import (
     wrap_model,
 )
 from training.ema import WeightAverage
+from training.precision import autocast_dtype
 from training.rng import capture_rng_state, restore_rng_state, seed_everything
-from training.schedule import SCHEDULES, build_optimizer, build_scheduler, trainable_parameters
+from training.schedule import build_optimizer, build_scheduler, trainable_parameters
+from training.settings import TrainSettings  # also imported from here by the stages (distill/train.py)
 
 if TYPE_CHECKING:
     from training.tracking import Tracker
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float]]"]
 ValFn = Callable[[nn.Module], Mapping[str, float]]
-AMP_MODES = (True, False, "bf16", "fp16")
-
-
-class TrainSettingsError(ValueError):
-    """A training setting with an unusable value; the message names the key."""
-
-
-@dataclass
-class TrainSettings:
-    """What :func:`fit` needs from a config section (``teacher:`` or ``distill:``).
-
-    Args:
-        steps: optimizer steps of the whole run.
-        lr: peak learning rate (after warm-up).
-        weight_decay: AdamW decoupled decay (not applied to norms, biases, embeddings).
-        warmup_steps: linear warm-up length.
-        schedule: ``constant``, ``poly`` or ``cosine`` after warm-up.
-        poly_power: exponent of the poly decay.
-        grad_clip: max global gradient norm; 0 or None disables clipping.
-        val_every: validate (and checkpoint) every this many steps; 0 = only at the end.
-        amp: mixed precision: True (CUDA only: bf16 where supported, else fp16), ``"bf16"`` (CUDA, and CPU
-            too: worth it only where the CPU has native bf16, e.g. AVX512-BF16/AMX), ``"fp16"`` (CUDA), False.
-        log_every: steps between training-metric records in the tracker.
-        seed: base seed; rank ``r`` seeds its data with ``seed + r``.
-        progress: show a tqdm bar on rank 0.
-        ema_decay: 0 = off; else validation, ``best.pt`` (hence ``teacher.pt`` / ``student.pt``) use an
-            exponential moving average of the trainable weights with this decay (training/ema.py);
-            ``last.pt`` keeps the raw weights and the average, for resuming.
-    """
-
-    steps: int
-    lr: float
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    poly_power: float = 0.9
-    grad_clip: float | None = 1.0
-    val_every: int = 0
-    amp: bool | str = True
-    log_every: int = 10
-    seed: int = 0
-    progress: bool = True
-    ema_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.steps = _as_int("steps", self.steps, minimum=1)
-        self.lr = _as_float("lr", self.lr)
-        if self.lr <= 0:
-            raise TrainSettingsError(f"lr must be > 0, got {self.lr}")
-        self.weight_decay = _as_float("weight_decay", self.weight_decay)
-        if self.weight_decay < 0:
-            raise TrainSettingsError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        self.warmup_steps = _as_int("warmup_steps", self.warmup_steps, minimum=0)
-        if self.schedule not in SCHEDULES:
-            raise TrainSettingsError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        self.poly_power = _as_float("poly_power", self.poly_power)
-        if self.grad_clip is not None:
-            self.grad_clip = _as_float("grad_clip", self.grad_clip)
-            if self.grad_clip < 0:
-                raise TrainSettingsError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        self.val_every = _as_int("val_every", self.val_every, minimum=0)
-        if not any(self.amp is mode or (isinstance(mode, str) and self.amp == mode) for mode in AMP_MODES):
-            raise TrainSettingsError(f"amp must be one of true, false, 'bf16', 'fp16'; got {self.amp!r}")
-        self.log_every = _as_int("log_every", self.log_every, minimum=1)
-        self.seed = _as_int("seed", self.seed, minimum=0)
-        self.progress = bool(self.progress)
-        self.ema_decay = _as_float("ema_decay", self.ema_decay)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise TrainSettingsError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
-        """Pick the known keys from a config section (other keys, e.g. ``roi_size``, are ignored).
-
-        Args:
-            section: e.g. ``cfg["teacher"]``.
-            **overrides: values that win over the section, e.g. ``seed=cfg["run"]["seed"]``.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TrainSettingsError(f"unknown training settings {unknown}; known: {sorted(names)}")
-        values = {k: v for k, v in section.items() if k in names}
-        values.update(overrides)
-        for required in ("steps", "lr"):
-            if required not in values:
-                raise TrainSettingsError(f"config section has no {required!r} (keys: {sorted(section)})")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _as_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TrainSettingsError(f"{name} must be an integer, got {value!r}")
-    try:
-        out = int(value)
-    except (TypeError, ValueError) as exc:
-        raise TrainSettingsError(f"{name} must be an integer, got {value!r}") from exc
-    if out != float(value) or out < minimum:
-        raise TrainSettingsError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return out
-
-
-def _as_float(name: str, value: Any) -> float:
-    # PyYAML reads "1e-3" (no dot) as a string; accept it rather than fail on a YAML 1.1 quirk.
-    if isinstance(value, bool):
-        raise TrainSettingsError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TrainSettingsError(f"{name} must be a number, got {value!r}") from exc
-    if not math.isfinite(out):
-        raise TrainSettingsError(f"{name} must be finite, got {value!r}")
-    return out
 
 
 @dataclass
@@ -239,7 +124,7 @@ def fit(
     plain = unwrap_model(net)
     optimizer = build_optimizer(plain, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.schedule, cfg.poly_power)
-    amp_dtype = _amp_dtype(cfg.amp, device)
+    amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     extra_meta = dict(extra_meta or {})
     ema = WeightAverage(plain, cfg.ema_decay) if cfg.ema_decay else None
@@ -481,38 +366,6 @@ def _unpack_loss(out: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]
         return out
     raise TypeError(f"loss_fn must return a scalar tensor or (loss, logs dict); got {type(out).__name__} at step {step}")
 
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it; CPU flags as fallback."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN, or the private check gone
-        pass
-    from deploy.machine import has_native_bf16_flags
-
-    return has_native_bf16_flags()
-
-
-def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
-    # On a CPU autocast is opt-in ("bf16"): it buys nothing for the SwinUNETR students (DESIGN.md) but made a
-    # demo-teacher training step 1.44x faster on an AVX512-BF16 CPU (0.53 vs 0.37 s, 2 threads).
-    if amp is False:
-        return None
-    if device.type == "cpu":
-        if amp != "bf16":
-            return None
-        if not cpu_has_native_bf16():
-            print("warning: amp 'bf16' ignored on this CPU: it has no native bf16 (AVX512-BF16/AMX), and emulated "
-                  "bf16 is slower than float32; training in float32", file=sys.stderr)
-            return None
-        return torch.bfloat16
-    if device.type != "cuda":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def _batch_stream(batches: Iterable[Any]) -> Iterator[Any]:
