@@ -36,10 +36,11 @@ def test_unknown_student_and_bad_sizes_are_refused_with_the_name():
     check_roi("swinunetr_tiny", [64, 64, 32])
 
 
-def test_swinunetr_sizes_match_the_design_card():
+def test_swinunetr_tiny_and_small_keep_their_sizes():
     tiny = describe(build_student("swinunetr_tiny", 14), [64, 32, 32])
     small = describe(build_student("swinunetr_small", 14), [64, 32, 32])
-    # DESIGN.md: tiny ~4.1M, small ~15.7M parameters.
+    # Counted with MONAI 1.6.1, 14 classes: tiny (feature_size 12, student/registry.py) 4,078,220 parameters,
+    # small (24) 15,703,304; the bounds catch a MONAI or registry change that alters the networks.
     assert 4.0e6 < tiny["params"] < 4.2e6
     assert 15.5e6 < small["params"] < 15.9e6
     # Twice the width costs about four times the FLOPs.
