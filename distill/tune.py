@@ -24,7 +24,9 @@ Decisions (docs/tuning.md has the reasoning):
   ``run_dir/tune/trial_<n>/`` and so resumes from its ``last.pt``. A trial that raises is recorded FAIL too.
 - Several workers: ``--create`` creates the study (and the MLflow tuning run) once; every ``--worker``
   process, on this or another machine, then loads it and takes trials until the study holds ``tune.trials``
-  finished ones. Without either flag the command creates, works and then writes the summary and plots.
+  finished ones (Optuna's ``MaxTrialsCallback``; a trial that two simultaneous asks made one too many is
+  refused at its start and marked ``surplus``). Without either flag the command creates, works and then
+  writes the summary and plots.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from data.atomic import write_json_atomic
@@ -73,7 +76,6 @@ class TrialObjective:
         self.settings = TuneSettings.from_config(cfg)
         self.target, self.latency_ms, self.log = int(target), latency_ms, log
         self.students = student_names(cfg, self.settings)
-        self.last_trial_number: int | None = None
         if self.settings.multi_objective and latency_ms is None:
             raise TuneError("tune.objectives [dice, latency] needs a latency function")
 
@@ -104,7 +106,11 @@ class TrialObjective:
         return {**self.cfg, "distill": distill}
 
     def check_not_surplus(self, trial: optuna.Trial, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
-        """Refuse a trial that two workers' simultaneous asks made one too many."""
+        """Refuse a trial that two workers' simultaneous asks made one too many.
+
+        Kept beside Optuna's ``MaxTrialsCallback``, which stops a worker only after its trial ends: two workers
+        that both see one trial missing both ask one, and nothing in Optuna refuses the second at its start.
+        """
         # Trials ahead of this one: finished, or running/queued with a lower number (queued trials are
         # taken lowest number first, so a higher-numbered one would run after this one).
         ahead = sum(1 for t in trials if t.state in FINISHED or (
@@ -120,7 +126,6 @@ class TrialObjective:
         from distill.train import train_student
         from training.tracking import Tracker
 
-        self.last_trial_number = trial.number
         trials = trial.study.get_trials(deepcopy=False)
         self.check_not_surplus(trial, trials)
         frozen = next(t for t in trials if t.number == trial.number)
@@ -229,9 +234,18 @@ def run_worker(
                                  threads=int(cfg["run"].get("threads") or 1), repeats=settings.latency_repeats,
                                  options=cfg["student"].get("arch"))
     objective = TrialObjective(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, target, latency, log)
-    ran, failures_in_a_row = 0, 0
+    failures = _FailureWatch(study.study_name, settings.max_consecutive_failures, log)
+    callbacks = [
+        failures,
+        # Optuna's own stop: the study (all workers, any storage) holds `target` finished trials ...
+        MaxTrialsCallback(target, states=FINISHED),
+        # ... or the trials it lacks are all running elsewhere: wait below, where a dead one can be taken over
+        MaxTrialsCallback(target, states=(*FINISHED, TrialState.RUNNING)),
+    ]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     while True:
+        # MaxTrialsCallback only looks after a trial ends, so the check before the first one (a rerun of a
+        # finished study trains nothing) and the wait for trials running elsewhere stay here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
@@ -241,21 +255,33 @@ def run_worker(
         if counts.finished + counts.running >= target:
             time.sleep(settings.heartbeat_s)  # the rest is in other hands; take over if one of them dies
             continue
-        objective.last_trial_number = None
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        ran += 1
-        last = next((t for t in study.get_trials(deepcopy=False) if t.number == objective.last_trial_number), None)
-        if last is not None and last.state == TrialState.FAIL:
-            if last.user_attrs.get("surplus"):
-                continue
-            failures_in_a_row += 1
-            reason = last.system_attrs.get("fail_reason", "see the log above")
-            log(f"[tune] trial {last.number} failed: {reason}")
-            if failures_in_a_row >= settings.max_consecutive_failures:
-                raise TuneError(f"study {study.study_name!r}: {failures_in_a_row} trials in a row failed; last: {reason}")
-        else:
-            failures_in_a_row = 0
-    return ran
+        study.optimize(objective, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+    return failures.ran
+
+
+class _FailureWatch:
+    """An ``optimize`` callback: counts a worker's trials and stops the worker after ``limit`` failures in a row.
+
+    Optuna has none: with ``catch`` it records a failed trial and goes on, so a broken setup would fail trials
+    for ever. A surplus trial (:meth:`TrialObjective.check_not_surplus`) is not a failure and breaks no run.
+    """
+
+    def __init__(self, study_name: str, limit: int, log: Callable[[str], None]) -> None:
+        self.study_name, self.limit, self.log = study_name, int(limit), log
+        self.ran, self.in_a_row = 0, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.ran += 1
+        if trial.state != TrialState.FAIL:
+            self.in_a_row = 0
+            return
+        if trial.user_attrs.get("surplus"):
+            return
+        self.in_a_row += 1
+        reason = trial.system_attrs.get("fail_reason", "see the log above")
+        self.log(f"[tune] trial {trial.number} failed: {reason}")
+        if self.in_a_row >= self.limit:
+            raise TuneError(f"study {self.study_name!r}: {self.in_a_row} trials in a row failed; last: {reason}")
 
 
 def tune_lambda(
@@ -276,7 +302,8 @@ def tune_lambda(
     Args:
         cfg: run config.
         run_dir: run folder; writes ``optuna.db`` (default storage), ``tune/trial_<n>/`` and ``tune/summary.json``,
-            ``tune/trials.csv``, ``tune/dice_vs_lambda.png``, ``tune/history.png`` (and ``tune/pareto.csv|png``).
+            ``tune/trials.csv``, ``tune/dice_vs_lambda.png``, ``tune/history.png``, ``tune/intermediate_values.png``
+            (single objective; ``tune/pareto.csv|png`` in multi-objective mode).
         data: prepared data.
         cache_dir: teacher cache (cached mode).
         teacher_ckpt: teacher checkpoint (online mode).
@@ -322,7 +349,8 @@ def summarize_study(study: optuna.Study, run_dir: str | Path, tracker: Any = Non
         run_dir: run folder.
         tracker: MLflow tracker inside the tuning run, or None.
     """
-    from distill.tune_plots import plot_dice_vs_lambda, plot_history, trial_rows, write_trials_csv
+    from distill.tune_plots import (plot_dice_vs_lambda, plot_history, plot_intermediate_values, trial_rows,
+                                    write_trials_csv)
 
     out = Path(run_dir) / "tune"
     rows = trial_rows(study)
@@ -334,9 +362,12 @@ def summarize_study(study: optuna.Study, run_dir: str | Path, tracker: Any = Non
     artifacts = {
         "trials_csv": write_trials_csv(rows, out / "trials.csv"),
         "dice_vs_lambda": plot_dice_vs_lambda(rows, out / "dice_vs_lambda.png", title=study.study_name),
-        "history": plot_history(rows, out / "history.png", title=study.study_name),
+        "history": plot_history(study, out / "history.png", title=study.study_name),
     }
     pareto: list[dict] = []
+    if not multi:  # multi-objective trials report no intermediate values
+        artifacts["intermediate_values"] = plot_intermediate_values(study, out / "intermediate_values.png",
+                                                                    title=study.study_name)
     if multi:
         from distill.pareto import pareto_front, plot_pareto, write_pareto_csv
 

@@ -1,14 +1,19 @@
-"""Tables and plots of a tuning study: every trial as a row, Dice against λ, and the optimisation history.
+"""Tables and plots of a tuning study: every trial as a row, Dice against λ, the optimisation history and every
+trial's reported Dice.
 
-A trial's Dice is its objective value when it completed, and the best Dice it reported before it was
-stopped when it was pruned (marked as such in every plot). Failed trials are listed in the table only.
+The history and the reported Dice are Optuna's own plots (``optuna.visualization.matplotlib``). Dice against λ
+is drawn here, because Optuna's slice plot lacks what it shows (see :func:`plot_dice_vs_lambda`). In the table
+and that plot a trial's Dice is its objective value when it completed, and the best Dice it reported before it
+was stopped when it was pruned (drawn hollow). Failed trials are listed in the table only.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import optuna
 
@@ -79,6 +84,10 @@ def _scored(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def plot_dice_vs_lambda(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Validation Dice of every scored trial against its λ; pruned trials hollow, the best one starred.
 
+    Ours, not Optuna's ``plot_slice``: that one plots the sampler's parameter (λ = ``lambda_min`` for the enqueued
+    λ = 0 trial of a log space, where the λ trained is the user attribute) and completed trials only; this one
+    plots the λ trained, pruned trials' best reported Dice, and one colour per student size.
+
     Args:
         rows: from :func:`trial_rows`.
         path: destination ``.png``.
@@ -114,47 +123,68 @@ def plot_dice_vs_lambda(rows: Sequence[dict[str, Any]], path: str | Path, title:
     return _save(fig, path)
 
 
-def plot_history(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Each scored trial's Dice in trial order, and the best Dice so far among completed trials.
+def plot_history(study: optuna.Study, path: str | Path, title: str = "") -> Path:
+    """Optuna's optimisation history: each completed trial's Dice in trial order, and the best so far.
+
+    Pruned trials have no objective value and are left out here; ``plot_intermediate_values`` draws them.
+    In a Dice-latency study the Dice of each trial is drawn without a best-so-far line (Optuna draws none for
+    a chosen target; the best trials there are the Pareto front, ``distill.pareto``).
 
     Args:
-        rows: from :func:`trial_rows`.
+        study: the study.
         path: destination ``.png``.
         title: plot title (the study name).
     """
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    multi = len(study.directions) > 1
+    with _optuna_plot():
+        ax = plot_optimization_history(study, target=(lambda t: t.values[0]) if multi else None, target_name="Dice")
+        ax.set_ylabel("validation Dice (mean foreground)")
+        ax.set_title(f"Optimisation history {title}".strip())
+        ax.legend(fontsize=8, loc="best")  # two entries: inside the axes rather than Optuna's place beside them
+        return _save(ax.figure, path, tight=True)
+
+
+def plot_intermediate_values(study: optuna.Study, path: str | Path, title: str = "") -> Path:
+    """Optuna's intermediate values: every trial's validation Dice at each report, so a pruned trial's curve ends
+    where the pruner stopped it. Single-objective studies only (multi-objective trials report nothing).
+
+    Args:
+        study: the study.
+        path: destination ``.png``.
+        title: plot title (the study name).
+    """
+    from optuna.visualization.matplotlib import plot_intermediate_values as optuna_plot
+
+    with _optuna_plot():
+        ax = optuna_plot(study)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation Dice (mean foreground)")
+        ax.set_title(f"Dice at each validation {title}".strip())
+        return _save(ax.figure, path, tight=True)
+
+
+@contextlib.contextmanager
+def _optuna_plot() -> Iterator[Any]:
+    """Agg backend; Optuna's ExperimentalWarning silenced here only; the ggplot style its plots switch on
+    (``plt.style.use``, global) undone on exit, so later figures in the process keep the defaults."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = sorted(_scored(rows), key=lambda r: r["number"])
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for state, face, label in (("COMPLETE", "C0", "complete"), ("PRUNED", "none", "pruned (best reported)")):
-        pts = [r for r in scored if r["state"] == state]
-        if pts:
-            ax.scatter([r["number"] for r in pts], [r["dice"] for r in pts], facecolors=face, edgecolors="C0", label=label)
-    best_x, best_y, best = [], [], -math.inf
-    for r in scored:
-        if r["state"] == "COMPLETE":
-            best = max(best, r["dice"])
-        if math.isfinite(best):
-            best_x.append(r["number"])
-            best_y.append(best)
-    if best_x:
-        ax.step(best_x, best_y, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation Dice (mean foreground)")
-    ax.set_title(f"Optimisation history {title}".strip())
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    with warnings.catch_warnings(), plt.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _save(fig: Any, path: str | Path, tight: bool = False) -> Path:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
         fig.tight_layout()
-        fig.savefig(tmp, format="png")
+        # Optuna's plots put their legend outside the axes: a tight bounding box keeps it in the image
+        fig.savefig(tmp, format="png", bbox_inches="tight" if tight else None)
     plt.close(fig)
     return Path(path)

@@ -78,7 +78,7 @@ def test_study_measures_both_ends_of_lambda_tracks_every_trial_and_resumes_to_a_
 
     rows = list(csv.DictReader(open(tmp_path / "tune" / "trials.csv")))
     assert [int(r["number"]) for r in rows] == [0, 1, 2]
-    for name in ("dice_vs_lambda.png", "history.png"):
+    for name in ("dice_vs_lambda.png", "history.png", "intermediate_values.png"):
         png = (tmp_path / "tune" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert json.loads((tmp_path / "tune" / "summary.json").read_text())["best_trial"] == best.number
@@ -95,7 +95,7 @@ def test_study_measures_both_ends_of_lambda_tracks_every_trial_and_resumes_to_a_
         curve = client.get_metric_history(r.info.run_id, "val/dice")
         assert [m.step for m in curve] == sorted(t.intermediate_values)
     logged = {a.path for a in client.list_artifacts(tune_run.info.run_id, "tune")}
-    assert {"tune/dice_vs_lambda.png", "tune/history.png", "tune/trials.csv"} <= logged
+    assert {"tune/dice_vs_lambda.png", "tune/history.png", "tune/intermediate_values.png", "tune/trials.csv"} <= logged
 
     # A rerun finds the target met and trains nothing; a larger target continues the same study.
     again = tune_lambda(cfg, tmp_path, data, cache_dir, None, None, log=lambda _: None)
@@ -128,6 +128,30 @@ def test_a_trial_below_a_perfect_history_is_pruned_at_its_first_report(inputs, t
         assert last["step"] == 1, "the engine saved last.pt before the trial was stopped"
     assert summary["trials"]["pruned"] == 2 and summary["best_lambda"] == 0.5
     assert summary["endpoints"]["lambda_0"] == pytest.approx(pruned[0].intermediate_values[1])
+
+
+def test_optuna_drawn_plots_warn_nothing_and_leave_matplotlibs_style_as_it_was(tmp_path):
+    import warnings
+
+    import matplotlib
+
+    from distill.tune_plots import plot_history, plot_intermediate_values
+
+    lam = {"lambda_kd": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study = optuna.create_study(direction="maximize")
+    for value in (0.2, 0.5):
+        study.add_trial(optuna.trial.create_trial(params={"lambda_kd": value}, distributions=lam, value=value,
+                                                  intermediate_values={1: value / 2, 2: value}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"lambda_kd": 0.9},
+                                              distributions=lam, intermediate_values={1: 0.1}))
+    style = {k: v for k, v in matplotlib.rcParams.items() if not k.startswith("backend")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's ExperimentalWarning is silenced inside, not left to the caller
+        for plot, name in ((plot_history, "history.png"), (plot_intermediate_values, "intermediate_values.png")):
+            assert plot(study, tmp_path / name, title="s").read_bytes().startswith(PNG_MAGIC)
+    assert {k: v for k, v in matplotlib.rcParams.items() if not k.startswith("backend")} == style, \
+        "Optuna's ggplot style is undone after its plots"
+    assert matplotlib.get_backend().lower() == "agg"
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() without optimize(): no trial runs here
