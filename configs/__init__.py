@@ -1,9 +1,13 @@
-"""Run configuration: one nested mapping per run, loaded from YAML, overridden by ``key=value`` pairs.
+"""Run configuration: one nested mapping per run, loaded from YAML, overridden by ``key=value`` pairs, and
+resolved against the schema (``configs/schema.py``: one dataclass per section with its defaults).
 
 A config is plain data (dicts, lists, numbers, strings) so that it can be logged verbatim to MLflow and
 hashed to key cached artifacts. Overrides use dotted paths and YAML scalars::
 
     cfg = load_config("configs/demo.yaml", ["teacher.steps=200", "distill.lambda_kd=0.5"])
+
+The result holds every key of the schema (missing ones at their default); an unknown key in the file, its
+``base:`` preset or an override is refused with its dotted path and the nearest known name.
 """
 from __future__ import annotations
 
@@ -15,11 +19,18 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from configs.schema import ConfigError, check_path, resolve
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
+__all__ = ["ConfigError", "apply_overrides", "config_hash", "flatten", "load_config", "merge", "parse_override",
+           "resolve_config", "resolve_config_path"]
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file or key."""
+
+def resolve_config(cfg: Mapping[str, Any] | None) -> dict:
+    """``cfg`` (whole or partial) checked against the schema, every missing key at its default
+    (``configs.schema.resolve``)."""
+    return resolve(cfg)
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -54,31 +65,45 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], strict: bool = True) ->
     Args:
         cfg: nested mapping.
         overrides: strings like ``"teacher.lr=3e-4"``.
-        strict: refuse keys that do not already exist (catches typos such as ``techer.lr``).
+        strict: refuse keys the schema does not know (catches typos such as ``techer.lr``, naming the nearest
+            known key); a known key the config does not set yet is added.
     """
     out = copy.deepcopy(cfg)
     for text in overrides:
         path, value = parse_override(text)
+        if strict:
+            try:
+                check_path(path)
+            except ConfigError as exc:
+                raise ConfigError(f"override {text!r}: {exc}") from None
         node = out
         for i, part in enumerate(path[:-1]):
-            if part not in node:
-                if strict:
-                    raise ConfigError(f"override {text!r}: unknown key {'.'.join(path[: i + 1])!r}")
+            if node.get(part) is None:
                 node[part] = {}
             if not isinstance(node[part], dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])!r} is not a section")
             node = node[part]
-        if strict and path[-1] not in node:
-            raise ConfigError(f"override {text!r}: unknown key {'.'.join(path)!r}")
         node[path[-1]] = value
     return out
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = (), strict: bool = True) -> dict:
-    """Load a YAML config (a path or a preset name) and apply overrides.
+    """Load a YAML config (a path or a preset name), apply overrides and resolve it against the schema.
 
-    A config may name a ``base:`` preset; its keys are merged underneath.
+    A config may name a ``base:`` preset; its keys are merged underneath. Returns the resolved config: every key
+    of ``configs.schema`` present, at its default where neither the files nor the overrides set it.
     """
+    overrides = list(overrides)
+    cfg = apply_overrides(_load_file(path), overrides, strict=strict)
+    try:
+        return resolve(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{resolve_config_path(path)} with overrides {list(overrides)}: {exc}") from None
+
+
+def _load_file(path: str | Path) -> dict:
+    """A config file merged over its ``base:`` presets, unresolved (so a top file's ``teacher.backbone`` still
+    chooses the backbone's defaults); each file's keys are checked against the schema, naming the file."""
     p = resolve_config_path(path)
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
@@ -87,9 +112,11 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), strict: bool = 
     if not isinstance(cfg, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(cfg).__name__}")
     base = cfg.pop("base", None)
-    if base:
-        cfg = merge(load_config(base), cfg)
-    return apply_overrides(cfg, overrides, strict=strict)
+    try:
+        resolve(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return merge(_load_file(base), cfg) if base else cfg
 
 
 def merge(base: Mapping, top: Mapping) -> dict:
