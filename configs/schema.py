@@ -257,7 +257,7 @@ def _resolve_section(cls: type, given: Any, prefix: str) -> dict:
         if key not in hints:
             path = f"{prefix}{key}"
             near = difflib.get_close_matches(str(key), list(hints), n=1)
-            hint = f" (did you mean {prefix}{near[0]!r}?)" if near else f" (known: {', '.join(hints)})"
+            hint = f" (did you mean {prefix + near[0]!r}?)" if near else f" (known: {', '.join(hints)})"
             raise ConfigError(f"unknown config key {path!r}{hint}")
     out: dict[str, Any] = {}
     default = cls()
