@@ -10,6 +10,7 @@ Where a key had no default in the code (the code required it), the default is th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -243,10 +244,11 @@ def known_keys(section: type = Config, prefix: str = "") -> list[str]:
 def resolve(cfg: Mapping[str, Any] | None) -> dict:
     """Check ``cfg`` against the schema; return it as a plain dict with every missing key at its default.
 
-    A partial config (a section, or a section with some keys) is filled. Raises :class:`ConfigError` naming
+    A partial config (some sections, or sections with some keys) is filled; ``cfg`` is not changed (the result
+    shares nothing with it). Raises :class:`ConfigError` naming
     the dotted key of an unknown key (and the nearest known one) or of a value of the wrong type.
     """
-    return _resolve_section(Config, cfg or {}, "")
+    return _resolve_section(Config, copy.deepcopy(dict(cfg or {})), "")
 
 
 def _resolve_section(cls: type, given: Any, prefix: str) -> dict:

@@ -14,7 +14,6 @@ Layout::
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import importlib.util
 import shutil
@@ -24,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from configs import config_hash
+from configs import config_hash, resolve_config
 from data.atomic import atomic_path, write_json_atomic, write_text_atomic
 from data.prepare import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
@@ -52,25 +51,31 @@ class Pipeline:
         from training.distributed import setup_distributed
         from training.tracking import Tracker
 
-        setup_distributed(device="cpu" if str(cfg.get("run", {}).get("device", "auto")) == "cpu" else None)
-        # A deep copy: the tuning stage writes the λ it found into this run's config, never the caller's.
-        self.cfg = copy.deepcopy(dict(cfg))
-        self.run_dir = Path(out_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
+        # Resolved against configs/schema.py (every key present, at its default where cfg lacks it) and a copy:
+        # the tuning stage writes the λ it found into this run's config, never the caller's.
+        self.cfg = resolve_config(cfg)
+        run = self.cfg["run"]
+        setup_distributed(device="cpu" if str(run["device"]) == "cpu" else None)
+        self.run_dir = Path(out_dir or Path("runs") / str(run["name"])).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = log
-        self.tracker = Tracker(self.run_dir, experiment=str(cfg["run"]["name"]), tracking_uri=tracking_uri)
+        self.tracker = Tracker(self.run_dir, experiment=str(run["name"]), tracking_uri=tracking_uri)
         self.records: dict[str, StageRecord] = {}
         self.data: PreparedData | None = None
-        self.device = resolve_device(str(cfg.get("run", {}).get("device", "auto")))
-        threads = cfg.get("run", {}).get("threads")
+        self.device = resolve_device(str(run["device"]))
+        threads = run["threads"]
         if threads:
             torch.set_num_threads(int(threads))
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
-        """The pipeline's parent MLflow run, with the config logged verbatim."""
+        """The pipeline's parent MLflow run, with the resolved config logged verbatim (``config.yaml``, also
+        written to the run folder)."""
         with self.tracker.start_run(f"pipeline {self.cfg['run']['name']}", nested=False, resume_key="pipeline"):
-            self.tracker.log_text(_yaml(self.cfg), "config.yaml")
+            text = _yaml(self.cfg)
+            if is_main_process():
+                write_text_atomic(self.run_dir / "config.yaml", text)
+            self.tracker.log_text(text, "config.yaml")
             self.tracker.set_tags({"config_hash": config_hash(self.cfg)})
             yield
 
@@ -85,7 +90,7 @@ class Pipeline:
     # -- data ---------------------------------------------------------------------------------------------
     def stage_data(self) -> PreparedData:
         """Phantoms (or ``data.source``), checks, split, intensity statistics, preprocessing spec."""
-        inputs = {"data": self.cfg["data"], "preprocess": self.cfg["preprocess"], "seed": self.cfg["run"].get("seed", 0)}
+        inputs = {"data": self.cfg["data"], "preprocess": self.cfg["preprocess"], "seed": self.cfg["run"]["seed"]}
 
         def body(directory: Path) -> tuple[dict[str, str], dict]:
             prepared = prepare_data(self.cfg, directory)
@@ -107,8 +112,8 @@ class Pipeline:
         then warned about on every run (also when the stage is up to date).
         """
         data = self._need_data()
-        given = self.cfg["teacher"].get("checkpoint_file")
-        allow = self.cfg["teacher"].get("allow_preprocess_mismatch", False)
+        given = self.cfg["teacher"]["checkpoint_file"]
+        allow = self.cfg["teacher"]["allow_preprocess_mismatch"]
         if given:
             path = Path(str(given)).expanduser().resolve()
             if not path.is_file():
@@ -116,20 +121,20 @@ class Pipeline:
             # The data and the settings the check compares against are inputs too: new data re-checks the teacher.
             inputs = {"checkpoint_file": str(path), "mtime": path.stat().st_mtime, "size": path.stat().st_size,
                       "data": self.records["data"].artifact_hashes["data"],
-                      "roi_size": self.cfg["teacher"].get("roi_size"), "allow_preprocess_mismatch": allow}
+                      "roi_size": self.cfg["teacher"]["roi_size"], "allow_preprocess_mismatch": allow}
 
             def body(directory: Path) -> tuple[dict[str, str], dict]:
                 from teacher.checkpoint import load_teacher
 
                 _, meta = load_teacher(path)
-                allowed = self._check_teacher(meta, path, self.cfg["teacher"].get("roi_size"))
+                allowed = self._check_teacher(meta, path, self.cfg["teacher"]["roi_size"])
                 return {"teacher": str(path)}, {"source": "checkpoint_file", "preprocess_mismatch": allowed}
         else:
             # allow_preprocess_mismatch concerns a given teacher only: it never retrains one.
             # The corpus, not the whole data artifact: a change to the students' site (data.site) keeps the teacher.
             inputs = {"teacher": {k: v for k, v in self.cfg["teacher"].items()
                                   if k not in ("checkpoint_file", "allow_preprocess_mismatch")},
-                      "corpus": data.corpus_fingerprint(), "seed": self.cfg["run"].get("seed", 0)}
+                      "corpus": data.corpus_fingerprint(), "seed": self.cfg["run"]["seed"]}
 
             def body(directory: Path) -> tuple[dict[str, str], dict]:
                 if importlib.util.find_spec("teacher.train") is None:
@@ -167,8 +172,8 @@ class Pipeline:
         data = self._need_data()
         dcfg = self.cfg["distill"]
         roi = [int(s) for s in self.cfg["teacher"]["roi_size"]]
-        overlap = float(self.cfg["evaluation"].get("overlap", 0.25))
-        downsample = int(dcfg.get("cache_downsample", 2))
+        overlap = float(self.cfg["evaluation"]["overlap"])
+        downsample = int(dcfg["cache_downsample"])
         key = cache_key(file_sha256(teacher_ckpt), data.preprocess, roi, overlap, downsample)  # + the body crop
         cases = [{**c, SOURCE_HASH_KEY: file_sha256(c["image"])} for c in sum(data.student_cases(), [])]
         inputs = {"key": key, "cases": sorted(c["case_id"] for c in cases),
@@ -239,7 +244,7 @@ class Pipeline:
         dcfg = self.cfg["distill"]
         budget = int(steps if steps is not None else dcfg["steps"])
         trial_steps = settings.steps_per_trial
-        if not (trial_steps == budget or (trial_steps < budget and dcfg.get("schedule", "poly") == "constant")):
+        if not (trial_steps == budget or (trial_steps < budget and dcfg["schedule"] == "constant")):
             return None
         for trial in self._complete_trials():
             same = (trial.get("student") == name and float(trial["lambda_kd"]) == float(lambda_kd)
@@ -264,7 +269,7 @@ class Pipeline:
         lambda_kd = float(self.cfg["distill"]["lambda_kd"])
         first = self.cfg["student"]["names"][0]
         runs = [(name, lambda_kd) for name in self.cfg["student"]["names"]]
-        if self.cfg["distill"].get("baseline_lambda_zero", True):
+        if self.cfg["distill"]["baseline_lambda_zero"]:
             if lambda_kd > 0:
                 runs.append((first, 0.0))
             else:
@@ -286,13 +291,13 @@ class Pipeline:
         uses_teacher = lambda_kd > 0
         inputs = {
             "name": name, "lambda_kd": lambda_kd, "steps": steps,
-            "student": self.cfg["student"]["roi_size"], "arch": self.cfg["student"].get("arch"),
+            "student": self.cfg["student"]["roi_size"], "arch": self.cfg["student"]["arch"],
             "distill": {k: v for k, v in self.cfg["distill"].items() if k not in ("lambda_kd", "baseline_lambda_zero")},
             "data": self.records["data"].artifact_hashes["data"],
-            "use_unlabeled": self.cfg["data"].get("use_unlabeled", True),
+            "use_unlabeled": self.cfg["data"]["use_unlabeled"],
             "teacher": self.records["teacher"].artifact_hashes["teacher"] if uses_teacher else None,
             "cache": self.records["cache"].inputs_hash if uses_teacher and "cache" in self.records else None,
-            "seed": self.cfg["run"].get("seed", 0),
+            "seed": self.cfg["run"]["seed"],
         }
 
         trial = self.trial_to_continue(name, lambda_kd, steps)
@@ -352,7 +357,7 @@ class Pipeline:
     # -- export -------------------------------------------------------------------------------------------
     def stage_export(self, students: list[StudentResult]) -> dict[str, str]:
         """A deployment bundle per final student (``export.build_bundle``), when export/ is available."""
-        if not self.cfg.get("export", {}).get("enabled", True):
+        if not self.cfg["export"]["enabled"]:
             self.log("[export] disabled (export.enabled=false)")
             return {}
         try:
@@ -372,14 +377,14 @@ class Pipeline:
                 # unseen until the benchmark scores them.
                 bundle = build_bundle(s.checkpoint, directory / "bundle", calibration=data.train,
                                       validation=data.val,
-                                      int8=bool(ecfg.get("int8", True)), max_dice_drop=float(ecfg.get("max_dice_drop", 0.01)),
-                                      calibration_crops=int(ecfg.get("calibration_crops", 8)),
-                                      max_restore_iterations=ecfg.get("max_restore_iterations"),
-                                      min_fp32_dice=float(ecfg.get("min_fp32_dice", 0.0)),
-                                      onnxruntime_int8=bool(ecfg.get("onnxruntime_int8", True)),
-                                      overlap=float(self.cfg["evaluation"].get("overlap", 0.25)),
-                                      threads=int(self.cfg["run"].get("threads") or 2),
-                                      seed=int(self.cfg["run"].get("seed", 0)), log=self.log)
+                                      int8=bool(ecfg["int8"]), max_dice_drop=float(ecfg["max_dice_drop"]),
+                                      calibration_crops=int(ecfg["calibration_crops"]),
+                                      max_restore_iterations=ecfg["max_restore_iterations"],
+                                      min_fp32_dice=float(ecfg["min_fp32_dice"]),
+                                      onnxruntime_int8=bool(ecfg["onnxruntime_int8"]),
+                                      overlap=float(self.cfg["evaluation"]["overlap"]),
+                                      threads=int(self.cfg["run"]["threads"] or 2),
+                                      seed=int(self.cfg["run"]["seed"]), log=self.log)
                 return {"bundle": str(bundle)}, {}
 
             record = self._stage(f"export {s.name}", self.run_dir / "bundle" / s.name, inputs, body)
@@ -389,7 +394,7 @@ class Pipeline:
     # -- benchmark ----------------------------------------------------------------------------------------
     def stage_benchmark(self, bundles: Mapping[str, str]) -> dict | None:
         """Latency and accuracy of every bundle × runtime × precision × threads (``benchmarks.run_benchmarks``)."""
-        if not self.cfg.get("benchmark", {}).get("enabled", True) or not bundles:
+        if not self.cfg["benchmark"]["enabled"] or not bundles:
             self.log("[benchmark] disabled or no bundle to benchmark; skipped")
             return None
         if importlib.util.find_spec("benchmarks") is None or not hasattr(importlib.import_module("benchmarks"), "run_benchmarks"):
@@ -404,7 +409,7 @@ class Pipeline:
 
         def body(directory: Path) -> tuple[dict[str, str], dict]:
             out = run_benchmarks(run_dir=self.run_dir, bundles=list(bundles.values()), out_dir=directory,
-                                 nsd_tolerance_mm=float(self.cfg["evaluation"].get("nsd_tolerance_mm", 2.0)),
+                                 nsd_tolerance_mm=float(self.cfg["evaluation"]["nsd_tolerance_mm"]),
                                  **config_kwargs(bcfg))
             return dict(out.get("files", {})), {"rows": len(out.get("rows", [])), "notes": out.get("notes", [])}
 
@@ -418,11 +423,11 @@ class Pipeline:
         started = time.perf_counter()
         with self.tracking():
             self.stage_data()
-            tuning = bool(self.cfg.get("tune", {}).get("enabled", False))
+            tuning = bool(self.cfg["tune"]["enabled"])
             needs_teacher = float(self.cfg["distill"]["lambda_kd"]) > 0 or tuning
             teacher_ckpt = self.stage_teacher() if needs_teacher else None
             cache_dir = None
-            if needs_teacher and self.cfg["distill"].get("mode", "cached") == "cached":
+            if needs_teacher and self.cfg["distill"]["mode"] == "cached":
                 cache_dir = self.stage_cache(teacher_ckpt)
             tune = self.stage_tune(teacher_ckpt, cache_dir) if tuning else None
             students = self.stage_students(teacher_ckpt, cache_dir)
@@ -466,7 +471,7 @@ class Pipeline:
         data = self._need_data()
         try:
             return check_teacher_fits(meta, data.labels, data.preprocess, roi_size, source=path,
-                                      allow_preprocess_mismatch=self.cfg["teacher"].get("allow_preprocess_mismatch", False))
+                                      allow_preprocess_mismatch=self.cfg["teacher"]["allow_preprocess_mismatch"])
         except TeacherMismatchError as exc:
             raise PipelineError(str(exc)) from exc
 
