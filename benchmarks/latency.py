@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from configs.schema import BenchmarkConfig, defaults
 from benchmarks import report
 from benchmarks.accuracy import score_masks
 from benchmarks.ct import CT_SEED, CT_SIZE, CT_SPACING_MM, clinical_phantom
@@ -257,19 +258,20 @@ def config_kwargs(section: dict) -> dict[str, Any]:
     Args:
         section: e.g. ``cfg["benchmark"]`` of configs/demo.yaml (``enabled`` is the caller's business).
     """
-    known = {"enabled", "quick", "threads", "workloads", "runtimes", "precisions", "max_dice_cases", "cross_check", "volume"}
-    unknown = sorted(set(section) - known)
+    known = defaults(BenchmarkConfig)  # the keys and their defaults (configs/schema.py)
+    unknown = sorted(set(section) - set(known))
     if unknown:
         raise BenchmarkConfigError(f"benchmark section: unknown keys {unknown}; known: {sorted(known)}")
+    s = {**known, **section}
     return {
-        "quick": bool(section.get("quick", False)),
-        "threads": [int(t) for t in section.get("threads", [2])],
-        "workloads": list(section.get("workloads", WORKLOADS)),
-        "runtimes": list(section.get("runtimes") or RUNTIMES),
-        "precisions": list(section.get("precisions") or PRECISIONS),
-        "max_dice_cases": section.get("max_dice_cases"),
-        "cross_check": bool(section.get("cross_check", True)),
-        "volume_path": section.get("volume"),
+        "quick": bool(s["quick"]),
+        "threads": [int(t) for t in s["threads"]],
+        "workloads": list(s["workloads"]),
+        "runtimes": list(s["runtimes"] or RUNTIMES),
+        "precisions": list(s["precisions"] or PRECISIONS),
+        "max_dice_cases": s["max_dice_cases"],
+        "cross_check": bool(s["cross_check"]),
+        "volume_path": s["volume"],
     }
 
 

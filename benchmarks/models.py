@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from configs.schema import EvaluationConfig
 
 class BenchmarkConfigError(ValueError):
     """Benchmark inputs that cannot be used (no models, bad thread list, missing run dir artifacts)."""
@@ -96,7 +97,7 @@ def entry_from_bundle(bundle_dir: str | Path, name: str | None = None, torch_sou
         bundle=str(bundle_dir),
         preprocess=meta.get("preprocess"),
         labels={int(k): v for k, v in (meta.get("labels") or {}).items()},
-        overlap=float(meta.get("overlap", 0.25)),
+        overlap=float(meta.get("overlap", EvaluationConfig.overlap)),  # bundles written before it was recorded
         crop_foreground=meta.get("crop_foreground"),
     )
 

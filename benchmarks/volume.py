@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from configs.schema import EvaluationConfig
 from deploy.sliding_window import window_count
 
 # MONAI's window placement, as deploy runs it (tests/test_benchmarks.py checks it against MONAI's own calls)
@@ -65,6 +66,6 @@ def _torch_segmenter(entry: dict, precision: str, threads: int) -> SegmentFile:
         raise VolumeWorkloadError(f"{entry.get('name')}: no preprocessing spec for the volume workload")
     manifest = {"preprocess": spec, "roi_size": [int(s) for s in entry["roi_size"]],
                 "num_classes": int(entry["num_classes"]), "labels": entry.get("labels") or meta.get("labels") or {},
-                "overlap": float(entry.get("overlap", 0.25)), "crop_foreground": entry.get("crop_foreground")}
+                "overlap": float(entry.get("overlap", EvaluationConfig.overlap)), "crop_foreground": entry.get("crop_foreground")}
     predictor = load_predictor(entry, "pytorch", precision, threads, [1, 1, *manifest["roi_size"]])
     return Segmenter.with_predictor(manifest, predictor, source=str(entry.get("name"))).segment_file

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> StudentResult:
         cache_dir = teacher_ckpt = None
         if lambda_kd > 0:
             teacher_ckpt = pipeline.stage_teacher()
-            if cfg["distill"].get("mode", "cached") == "cached":
+            if cfg["distill"]["mode"] == "cached":  # cfg is resolved (configs.load_config)
                 cache_dir = pipeline.stage_cache(teacher_ckpt)
         result = pipeline.stage_student(name, lambda_kd, teacher_ckpt, cache_dir, steps=args.steps)
     if is_main_process():

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
     if args.storage:
         cfg = apply_overrides(cfg, [f"tune.storage={args.storage}"], strict=False)
     run_dir = Path(args.run_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
-    threads = cfg.get("run", {}).get("threads")
+    threads = cfg["run"]["threads"]
     if threads:
         import torch
 
@@ -98,5 +98,5 @@ def _inputs_stage(args: argparse.Namespace, cfg: dict, run_dir: Path) -> Iterato
     with pipeline.tracking():
         data = pipeline.stage_data()
         teacher_ckpt = pipeline.stage_teacher()
-        cache_dir = pipeline.stage_cache(teacher_ckpt) if cfg["distill"].get("mode", "cached") == "cached" else None
+        cache_dir = pipeline.stage_cache(teacher_ckpt) if cfg["distill"]["mode"] == "cached" else None
         yield data, cache_dir, teacher_ckpt, pipeline.tracker

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from configs import resolve_config
 from data.atomic import write_json_atomic
 
 
@@ -122,7 +123,8 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     """Generate or locate the dataset, check it, split it and build the preprocessing spec.
 
     Args:
-        cfg: the run config (``data``, ``preprocess``, ``run.seed`` are read).
+        cfg: the run config (``data``, ``preprocess``, ``run.seed`` are read), whole or partial: it is resolved
+            against ``configs/schema.py`` first (missing keys take their default).
         data_dir: the stage's folder (phantoms, ``splits.json``, ``stats.json``, ``data.json`` go here).
         progress: print what is happening.
 
@@ -132,18 +134,19 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     from data.dataset import load_dataset, make_split
     from data.stats import compute_intensity_stats, compute_zscore_stats, preprocess_spec
 
+    cfg = resolve_config(cfg)
     data_dir = Path(data_dir)
     dcfg = cfg["data"]
-    seed = int(cfg.get("run", {}).get("seed", 0))
-    source = str(dcfg.get("source", "phantoms"))
+    seed = int(cfg["run"]["seed"])
+    source = str(dcfg["source"])
     root = _dataset_root(source, "data.source", lambda: _phantoms(
-        data_dir / "phantoms", int(dcfg["phantom_cases"]), int(dcfg.get("phantom_test_cases", 0)), seed,
+        data_dir / "phantoms", int(dcfg["phantom_cases"]), int(dcfg["phantom_test_cases"]), seed,
         dcfg["phantom_size"], progress))
 
     dataset = load_dataset(root)
     dataset, noted = _checked(dataset, cfg)
-    test_fraction = float(dcfg.get("test_fraction", 0.0))
-    split = make_split(dataset, val_fraction=float(dcfg.get("val_fraction", 0.2)), seed=seed,
+    test_fraction = float(dcfg["test_fraction"])
+    split = make_split(dataset, val_fraction=float(dcfg["val_fraction"]), seed=seed,
                        path=data_dir / "splits.json", test_fraction=test_fraction)
     by_id = {c["case_id"]: c for c in dataset.training}
     train = [case_item(by_id[i], True) for i in split["train"] if i in by_id]
@@ -154,18 +157,18 @@ def prepare_data(cfg: Mapping[str, Any], data_dir: str | Path, progress: bool = 
     if test_fraction > 0 and not test:
         raise DataStageError(f"{root}: data.test_fraction={test_fraction} but the split holds no test case "
                              f"({len(dataset.training)} labelled cases)")
-    unlabelled = [case_item(c, False) for c in dataset.test] if dcfg.get("use_unlabeled", True) else []
+    unlabelled = [case_item(c, False) for c in dataset.test] if dcfg["use_unlabeled"] else []
 
     stats = None
-    if cfg["preprocess"].get("intensity") == "percentile":
+    if cfg["preprocess"]["intensity"] == "percentile":
         stats = compute_intensity_stats(dataset, [c["case_id"] for c in train], data_dir / "stats.json")
-    elif cfg["preprocess"].get("intensity") == "zscore":
+    elif cfg["preprocess"]["intensity"] == "zscore":
         stats = compute_zscore_stats(dataset, [c["case_id"] for c in train], data_dir / "zscore_stats.json")
     spec = preprocess_spec(cfg["preprocess"], stats)
     labels = {int(k): str(v) for k, v in dataset.labels.items()}
     prepared = PreparedData(root=str(Path(root).resolve()), labels=labels, preprocess=spec, train=train, val=val,
                             test=test, unlabelled=unlabelled, warnings=noted)
-    if dcfg.get("site") and (dcfg["site"].get("source") or None) is not None:
+    if (dcfg["site"]["source"] or None) is not None:
         _add_site(prepared, cfg, data_dir, progress)
     prepared.save(data_dir / "data.json")
     if progress:
@@ -208,10 +211,8 @@ def _checked(dataset: Any, cfg: Mapping[str, Any]) -> tuple[Any, list[str]]:
     # window at the run's spacing; data.force_implausible keeps refused images (with a warning) for unusual CT.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        checked = check_dataset(dataset, skip_bad=bool(dcfg.get("skip_bad_cases", False)),
-                                force=bool(dcfg.get("force_implausible", False)),
-                                spacing_mm=cfg["preprocess"].get("spacing_mm"),
-                                roi_size=(cfg.get("student") or {}).get("roi_size"))
+        checked = check_dataset(dataset, skip_bad=bool(dcfg["skip_bad_cases"]), force=bool(dcfg["force_implausible"]),
+                                spacing_mm=cfg["preprocess"]["spacing_mm"], roi_size=cfg["student"]["roi_size"])
     noted = [str(w.message) for w in caught if issubclass(w.category, (BadCaseWarning, PlausibilityWarning))]
     for w in caught:  # shown as they would have been, and kept for the report
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -227,14 +228,17 @@ def _add_site(prepared: PreparedData, cfg: Mapping[str, Any], data_dir: Path, pr
     from data.dataset import load_dataset
 
     scfg = cfg["data"]["site"]
-    seed = int(cfg.get("run", {}).get("seed", 0))
+    seed = int(cfg["run"]["seed"])
     source = str(scfg["source"])
-    site_seed = int(scfg.get("phantom_seed", seed + 1000)) if source == "phantoms" else None
+    if source == "phantoms":
+        site_seed = int(seed + 1000 if scfg["phantom_seed"] is None else scfg["phantom_seed"])
+    else:
+        site_seed = None
     if site_seed == seed:
         raise DataStageError(f"data.site.phantom_seed={site_seed} is the corpus's seed (run.seed): the site would "
                              "hold the teacher's own training phantoms; choose another seed")
     root = _dataset_root(source, "data.site.source", lambda: _phantoms(
-        data_dir / "site", int(scfg.get("phantom_cases", 40)), int(scfg.get("phantom_test_cases", 0)), site_seed,
+        data_dir / "site", int(scfg["phantom_cases"]), int(scfg["phantom_test_cases"]), site_seed,
         cfg["data"]["phantom_size"], progress), choices="null, 'phantoms' or a dataset folder")
     dataset = load_dataset(root)
     site_labels = {int(k): str(v) for k, v in dataset.labels.items()}
@@ -244,7 +248,7 @@ def _add_site(prepared: PreparedData, cfg: Mapping[str, Any], data_dir: Path, pr
     dataset, noted = _checked(dataset, cfg)
     prepared.warnings.extend(f"site: {w}" for w in noted)
     cases = sorted(dataset.training, key=lambda c: str(c["case_id"]))
-    wanted = scfg.get("labelled", "all")
+    wanted = scfg["labelled"]
     count = len(cases) if wanted in (None, "all") else int(wanted)
     if not 0 <= count <= len(cases):
         raise DataStageError(f"data.site.labelled={wanted!r}: the site ({root}) has {len(cases)} labelled cases")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from configs.schema import EvaluationConfig
 from data.atomic import write_json_atomic
 from data.prepare import PreparedData
 
@@ -62,8 +63,8 @@ def evaluate_models(
     out_dir = Path(out_dir)
     device = torch.device(device)
     ecfg = cfg.get("evaluation", {})
-    overlap = float(ecfg.get("overlap", 0.25))
-    tolerance = float(ecfg.get("nsd_tolerance_mm", 2.0))
+    overlap = float(ecfg.get("overlap", EvaluationConfig.overlap))
+    tolerance = float(ecfg.get("nsd_tolerance_mm", EvaluationConfig.nsd_tolerance_mm))
     spacing = [float(s) for s in data.preprocess["spacing_mm"]]
     load = load_transforms(data.preprocess, keys=("image", "label"))
     split, items = data.scoring_split()

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from optuna.trial import TrialState
 
 from configs import config_hash
+from configs.schema import DistillConfig, TuneConfig, defaults
 
 LAMBDA_SPACES = ("uniform", "log")
 PRUNERS = ("median", "hyperband", "none")
@@ -16,31 +17,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Study user attributes written by the create step and read by every worker.
 ATTR_SPACE, ATTR_TARGET, ATTR_CACHE, ATTR_TEACHER = "search_space", "target_trials", "cache_dir", "teacher_ckpt"
 
-DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "trials": 6,
-    "steps_per_trial": 40,
-    "report_every": 10,
-    "lambda_space": "uniform",
-    "lambda_min": 1.0e-3,
-    "search_temperature": False,
-    "temperature_range": [1.0, 4.0],
-    "search_lr": False,
-    "lr_range": [3.0e-4, 3.0e-3],
-    "pruner": "median",
-    "pruner_startup_trials": 2,
-    "pruner_warmup_steps": 0,
-    "storage": None,
-    "study_name": None,
-    "objectives": ["dice"],
-    "students": None,
-    "heartbeat_s": 30,
-    "grace_s": 120,
-    "max_retry": 2,
-    "max_consecutive_failures": 3,
-    "latency_repeats": 10,
-    "continue_trials": True,
-}
+DEFAULTS: dict[str, Any] = defaults(TuneConfig)  # the keys and their defaults: configs/schema.py
 
 
 class TuneError(ValueError):
@@ -119,7 +96,7 @@ class TuneSettings:
                     or not 0.0 < float(lo_hi[0]) < float(lo_hi[1])):
                 raise TuneError(f"tune.{key} must be [low, high] with 0 < low < high, got {lo_hi!r}")
             setattr(s, key, [float(lo_hi[0]), float(lo_hi[1])])
-        if s.search_temperature and str(cfg.get("distill", {}).get("kd_target", "logits")) != "probs":
+        if s.search_temperature and str(cfg.get("distill", {}).get("kd_target", DistillConfig.kd_target)) != "probs":
             raise TuneError("tune.search_temperature=true needs distill.kd_target=probs "
                             "(the logit form of the KD loss has no temperature)")
         if s.students is not None and (not isinstance(s.students, (list, tuple)) or not s.students):

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from configs.schema import EvaluationConfig
 from data.atomic import atomic_path
 
 MODES = {"points": False, "auto+points": True}  # mode -> use_auto_prompt
@@ -326,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, meta = load_teacher(args.teacher, device=args.device)
     tolerance = args.nsd_tolerance
     if tolerance is None:
-        tolerance = float((meta.get("config") or {}).get("evaluation", {}).get("nsd_tolerance_mm", 2.0))
+        tolerance = float((meta.get("config") or {}).get("evaluation", {}).get("nsd_tolerance_mm", EvaluationConfig.nsd_tolerance_mm))
     cases, what = load_cases(args.data, meta["preprocess"], args.max_cases)
     labels = {int(k): v for k, v in meta["labels"].items()}
     print(f"[clicks] {len(cases)} {what}; clicks {list(counts)}; modes {modes}; NSD tolerance {tolerance} mm")

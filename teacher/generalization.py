@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from configs.schema import DataConfig, EvaluationConfig, RunConfig, defaults
 
 class GeneralizationError(ValueError):
     """A teacher or request this check cannot serve; the message names the file or value."""
@@ -53,15 +54,15 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
 
     cfg = meta.get("config") or {}
     dcfg = cfg.get("data") or {}
-    if str(dcfg.get("source", "phantoms")) != "phantoms":
+    if str(dcfg.get("source", DataConfig.source)) != "phantoms":
         raise GeneralizationError(f"the teacher was trained on data.source={dcfg.get('source')!r}, not on phantoms; "
                                   "score it on that dataset's held-out cases instead")
-    run_seed = int((cfg.get("run") or {}).get("seed", 0))
+    run_seed = int((cfg.get("run") or {}).get("seed", RunConfig.seed))
     if int(seed) == run_seed:
         raise GeneralizationError(f"--seed {seed} is the run's own data seed: its phantoms are the training cases")
     if int(cases) < 1:
         raise GeneralizationError(f"--cases must be >= 1, got {cases}")
-    size = tuple(int(s) for s in dcfg.get("phantom_size", (160, 128, 48)))
+    size = tuple(int(s) for s in dcfg.get("phantom_size") or defaults(DataConfig)["phantom_size"])
     labels = {int(k): str(v) for k, v in meta["labels"].items()}
     num_classes = int(meta.get("num_classes", len(labels)))
 
@@ -78,7 +79,7 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     items = [{"case_id": p.name.split(".")[0], "image": str(p), "label": str(root / "labelsTr" / p.name)} for p in images]
 
     device = torch.device(device)
-    overlap = float(cfg.get("evaluation", {}).get("overlap", 0.25))
+    overlap = float(cfg.get("evaluation", {}).get("overlap", EvaluationConfig.overlap))
     per_case, per_class_rows = [], []
     for i, item in enumerate(items):
         case = preload([item], load_transforms(meta["preprocess"], keys=("image", "label")))

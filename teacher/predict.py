@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from configs.schema import EvaluationConfig
 
 def segment_with_teacher(
     model: torch.nn.Module,
@@ -46,7 +47,7 @@ def segment_with_teacher(
         if key not in meta:
             raise TeacherCheckpointError(f"teacher checkpoint metadata lacks {key!r}; not a trained teacher.pt")
     if overlap is None:
-        overlap = float((meta.get("config") or {}).get("evaluation", {}).get("overlap", 0.25))
+        overlap = float((meta.get("config") or {}).get("evaluation", {}).get("overlap", EvaluationConfig.overlap))
     labels = {int(k): str(v) for k, v in meta["labels"].items()}
     return predict_case(model, image_path, meta["preprocess"], meta["roi_size"], labels, out_path=out_path,
                         overlap=overlap, device=device)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from configs import resolve_config
 from data.prepare import PreparedData
 from teacher.model import PROMPT_MODES
 from training.batches import crop_batches, preload
@@ -84,15 +85,16 @@ class TeacherResult:
 
 
 def _check_section(tcfg: Mapping[str, Any]) -> None:
-    mode = tcfg.get("prompt_mode", "auto")
+    """Checks of a resolved ``teacher`` section beyond its types."""
+    mode = tcfg["prompt_mode"]
     if mode not in PROMPT_MODES:
         raise TeacherTrainError(f"teacher.prompt_mode must be one of {PROMPT_MODES}, got {mode!r}")
     for key in ("batch_size", "crops_per_case"):
-        value = tcfg.get(key, 1)
+        value = tcfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TeacherTrainError(f"teacher.{key} must be a positive integer, got {value!r}")
     for key, minimum in (("max_positive_clicks", 1), ("max_negative_clicks", 0)):
-        value = tcfg.get(key, minimum)
+        value = tcfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise TeacherTrainError(f"teacher.{key} must be an integer >= {minimum}, got {value!r}")
 
@@ -101,11 +103,11 @@ def _sam_med3d_crop(tcfg: Mapping[str, Any]) -> tuple[list[int], dict]:
     """The crop ``[S, S, S]`` a SAM-Med3D preset takes, and the preset (checked against ``teacher.roi_size``)."""
     from teacher.sam_med3d.model import SAM_MED3D_PRESETS
 
-    preset = tcfg.get("preset", "vit_b_ori")
+    preset = tcfg["preset"]
     if preset not in SAM_MED3D_PRESETS:
         raise TeacherTrainError(f"teacher.preset={preset!r} is not a SAM-Med3D preset; choose from {sorted(SAM_MED3D_PRESETS)}")
     crop = [int(SAM_MED3D_PRESETS[preset]["img_size"])] * 3
-    roi = tcfg.get("roi_size")
+    roi = tcfg["roi_size"]
     if roi is not None and [int(r) for r in roi] != crop:
         raise TeacherTrainError(f"teacher.roi_size={list(roi)}: the SAM-Med3D preset {preset!r} takes {crop} crops "
                                 f"(set teacher.roi_size={crop})")
@@ -126,7 +128,8 @@ def train_teacher(
     """Train the teacher the config describes and write ``teacher.pt``.
 
     Args:
-        cfg: run config (``run``, ``teacher``, ``evaluation`` are read).
+        cfg: run config (``run``, ``teacher``, ``evaluation`` are read), whole or partial: it is resolved against
+            ``configs/schema.py`` first (missing keys take their default) and saved so in ``teacher.pt``.
         run_dir: the pipeline's run folder; ``run_dir/data/data.json`` is read unless ``data`` is given.
         data: prepared data (training and validation cases, labels, preprocessing spec).
         tracker: a ``training.tracking.Tracker`` inside an open run (params, validation metrics and the
@@ -144,8 +147,7 @@ def train_teacher(
     from monai.losses import DiceCELoss
 
     from data.checks import DataError
-    from data.transforms import (AUGMENT_KEYS, DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, check_augmentation, load_transforms,
-                                 random_crop_transforms)
+    from data.transforms import AUGMENT_KEYS, check_augmentation, load_transforms, random_crop_transforms
     from evaluation.validation import as_plain_tensor, validation_dice
     from training.distributed import resolve_device
     from teacher.build import build_teacher, teacher_arch
@@ -159,6 +161,7 @@ def train_teacher(
     from training.loop import fit
     from training.settings import TrainSettings
 
+    cfg = resolve_config(cfg)
     run_dir = Path(run_dir)
     tcfg = dict(cfg["teacher"])
     if steps is not None:
@@ -167,44 +170,42 @@ def train_teacher(
     data = data or PreparedData.load(run_dir / "data" / "data.json")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "teacher"
     num_classes = data.num_classes
-    sam_med3d = tcfg.get("backbone", "sam2d") == "sam_med3d"
+    sam_med3d = tcfg["backbone"] == "sam_med3d"
     if sam_med3d:
         roi_size, arch_params = _sam_med3d_crop(tcfg)
     else:
         arch = teacher_arch(tcfg)
         roi_size, arch_params = list(arch.roi_size), arch.to_dict()
-    flip_prob = tcfg.get("flip_prob", DEFAULT_FLIP_PROB)
-    rotate_prob = tcfg.get("rotate_prob", DEFAULT_ROTATE_PROB)
-    augment = {k: tcfg[k] for k in AUGMENT_KEYS if k in tcfg}
+    flip_prob, rotate_prob = tcfg["flip_prob"], tcfg["rotate_prob"]
+    augment = {k: tcfg[k] for k in AUGMENT_KEYS}
     try:  # before any data is loaded or the model is built
         check_augmentation(roi_size, flip_prob, rotate_prob, **augment)
     except DataError as exc:
         raise TeacherTrainError(f"teacher: {exc}") from exc
-    mode = tcfg.get("prompt_mode", "auto")
-    device = resolve_device(str(cfg.get("run", {}).get("device", "auto")))
-    seed = int(cfg.get("run", {}).get("seed", 0))
-    overlap = float(cfg.get("evaluation", {}).get("overlap", 0.25))
+    mode = tcfg["prompt_mode"]
+    device = resolve_device(str(cfg["run"]["device"]))
+    seed = int(cfg["run"]["seed"])
+    overlap = float(cfg["evaluation"]["overlap"])
 
     torch.manual_seed(seed)  # the same initial weights for the same seed
     model = build_teacher(tcfg, num_classes).to(device)
     # Recomputing activations saves GPU memory; on a CPU it would only cost time.
-    model.grad_checkpointing = device.type == "cuda" and bool(tcfg.get("grad_checkpointing", False))
+    model.grad_checkpointing = device.type == "cuda" and bool(tcfg["grad_checkpointing"])
     net = wrap_model(model, find_unused_parameters=True) if is_distributed() else model
 
     cases = preload(data.train, load_transforms(data.preprocess, keys=("image", "label")))
     val_cases = preload(data.val, load_transforms(data.preprocess, keys=("image", "label")))
     crops = Dataset(cases, transform=random_crop_transforms(
-        roi_size, num_classes, num_samples=int(tcfg.get("crops_per_case", 1)),
-        class_balanced=bool(tcfg.get("class_balanced", True)),
+        roi_size, num_classes, num_samples=int(tcfg["crops_per_case"]), class_balanced=bool(tcfg["class_balanced"]),
         flip_prob=flip_prob, rotate_prob=rotate_prob, **augment))
-    batches = crop_batches(crops, int(tcfg.get("batch_size", 2)), int(tcfg.get("num_workers", 0)))
+    batches = crop_batches(crops, int(tcfg["batch_size"]), int(tcfg["num_workers"]))
 
-    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),
-                         lambda_ce=float(tcfg.get("lambda_ce", 1.0)), batch=bool(tcfg.get("dice_batch", False)))
-    max_pos, max_neg = int(tcfg.get("max_positive_clicks", 3)), int(tcfg.get("max_negative_clicks", 2))
+    dice_terms = {"lambda_dice": float(tcfg["lambda_dice"]), "lambda_ce": float(tcfg["lambda_ce"]),
+                  "batch": bool(tcfg["dice_batch"])}
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, **dice_terms)
+    max_pos, max_neg = int(tcfg["max_positive_clicks"]), int(tcfg["max_negative_clicks"])
     # SAM-Med3D answers clicks with one binary mask (the clicked organ): a sigmoid DiceCE on it.
-    binary_dice_ce = DiceCELoss(sigmoid=True, lambda_dice=float(tcfg.get("lambda_dice", 1.0)),
-                                lambda_ce=float(tcfg.get("lambda_ce", 1.0)), batch=bool(tcfg.get("dice_batch", False)))
+    binary_dice_ce = DiceCELoss(sigmoid=True, **dice_terms)
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         # Plain tensors: a MONAI MetaTensor routes every op of the network through its metadata hooks
@@ -244,8 +245,8 @@ def train_teacher(
     counts = count_parameters(model)
     resuming = (out_dir / "last.pt").is_file()
     if progress and get_rank() == 0:
-        print(f"[teacher] {tcfg.get('preset', 'tiny')} ({mode} prompts): {len(cases)} training and "
-              f"{len(val_cases)} validation cases, {settings.steps} steps, batch {tcfg.get('batch_size', 2)} of "
+        print(f"[teacher] {tcfg['preset']} ({mode} prompts): {len(cases)} training and "
+              f"{len(val_cases)} validation cases, {settings.steps} steps, batch {tcfg['batch_size']} of "
               f"{roi_size}, {counts['trainable'] / 1e6:.2f}M trainable / {counts['frozen'] / 1e6:.2f}M frozen params, "
               f"device {device} -> {out_dir}")
     if tracker is not None and not resuming:
