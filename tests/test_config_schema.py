@@ -101,3 +101,31 @@ def test_resolving_keeps_every_value_a_file_sets(name):
     changed = {k: (v, cfg.get(k)) for k, v in raw.items()
                if k not in cfg or cfg[k] != v or type(cfg[k]) is not type(v)}
     assert changed == {}
+
+
+def test_the_pipeline_logs_and_saves_the_resolved_config(tmp_path):
+    import contextlib
+
+    from pipeline import Pipeline
+
+    logged = {}
+
+    class Recorder:
+        @contextlib.contextmanager
+        def start_run(self, *args, **kwargs):
+            yield
+
+        def log_text(self, text, name):
+            logged[name] = text
+
+        def set_tags(self, tags):
+            logged.update(tags)
+
+    pipe = Pipeline({"run": {"name": "partial", "device": "cpu", "threads": None}, "teacher": {"steps": 3}},
+                    out_dir=tmp_path / "run", log=lambda line: None)
+    pipe.tracker = Recorder()
+    with pipe.tracking():
+        pass
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved == yaml.safe_load(logged["config.yaml"]) == pipe.cfg == resolve_config(pipe.cfg)
+    assert saved["teacher"]["steps"] == 3 and saved["evaluation"]["overlap"] == EvaluationConfig.overlap
