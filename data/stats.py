@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from configs import config_hash
+from configs.schema import PreprocessConfig
 from data.atomic import write_json_atomic
 from data.checks import DataError, load_header, read_array
 from data.dataset import CTDataset
@@ -211,7 +212,7 @@ def preprocess_spec(cfg_preprocess: dict, stats: dict | None = None) -> dict:
     Raises:
         DataError: invalid or missing keys, naming the key and value.
     """
-    orientation = cfg_preprocess.get("orientation", "RAS")
+    orientation = cfg_preprocess.get("orientation", PreprocessConfig.orientation)
     if orientation != "RAS":
         raise DataError(f"preprocess.orientation: only 'RAS' is supported, got {orientation!r}")
     spacing = cfg_preprocess.get("spacing_mm")
@@ -225,7 +226,7 @@ def preprocess_spec(cfg_preprocess: dict, stats: dict | None = None) -> dict:
         raise DataError(f"preprocess.spacing_mm: expected three numbers, got {spacing!r}") from exc
     if len(spacing) != 3 or min(spacing) <= 0:
         raise DataError(f"preprocess.spacing_mm: expected three positive numbers, got {spacing!r}")
-    mode = cfg_preprocess.get("intensity", "window")
+    mode = cfg_preprocess.get("intensity", PreprocessConfig.intensity)
     if mode == "window":
         window = cfg_preprocess.get("hu_window")
         try:

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping
 import optuna
 from optuna.trial import TrialState
 
+from configs.schema import RunConfig
 
 from distill.tune_settings import (ATTR_CACHE, ATTR_SPACE, ATTR_TARGET, ATTR_TEACHER, TuneError, TuneSettings,
                                    default_study_name, search_space, student_names)
@@ -108,7 +109,7 @@ def create_tuning_study(
     name = study_name or settings.study_name or default_study_name(cfg, settings)
     study = optuna.create_study(storage=open_storage(url, settings), study_name=name, load_if_exists=True,
                                 directions=_directions(settings), pruner=build_pruner(settings),
-                                sampler=_sampler(int(cfg["run"].get("seed", 0))))
+                                sampler=_sampler(int(cfg["run"].get("seed", RunConfig.seed))))
     space = search_space(cfg, settings)
     saved = study.user_attrs.get(ATTR_SPACE)
     if saved is not None and saved.get("hash") != space["hash"]:

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from configs.schema import BACKBONE_DEFAULTS, TeacherConfig
 from teacher.arch import TeacherArch
 from teacher.sam_weights import load_sam_state_dict
 from teacher.model import Teacher3D, count_parameters
@@ -42,7 +43,7 @@ def teacher_arch(cfg_teacher: Mapping[str, Any]) -> TeacherArch:
     Args:
         cfg_teacher: the ``teacher:`` section.
     """
-    preset = cfg_teacher.get("preset", "tiny")
+    preset = cfg_teacher.get("preset") or BACKBONE_DEFAULTS["sam2d"]["preset"]
     if preset not in PRESETS:
         raise TeacherConfigError(f"teacher.preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     overrides = dict(cfg_teacher.get("arch") or {})
@@ -66,11 +67,11 @@ def teacher_from_config(cfg_teacher: Mapping[str, Any], num_classes: int) -> Tea
     model = Teacher3D(
         teacher_arch(cfg_teacher),
         num_classes,
-        peft=cfg_teacher.get("peft", "adapter"),
-        lora_rank=int(cfg_teacher.get("lora_rank", 4)),
-        prompt_mode=cfg_teacher.get("prompt_mode", "auto"),
+        peft=cfg_teacher.get("peft") or BACKBONE_DEFAULTS["sam2d"]["peft"],
+        lora_rank=int(cfg_teacher.get("lora_rank", TeacherConfig.lora_rank)),
+        prompt_mode=cfg_teacher.get("prompt_mode", TeacherConfig.prompt_mode),
     )
-    model.grad_checkpointing = bool(cfg_teacher.get("grad_checkpointing", False))
+    model.grad_checkpointing = bool(cfg_teacher.get("grad_checkpointing", TeacherConfig.grad_checkpointing))
     model.teacher_cfg = copy.deepcopy(dict(cfg_teacher))
     return model
 
@@ -91,7 +92,7 @@ def build_teacher(cfg_teacher: Mapping[str, Any], num_classes: int, checkpoint: 
         the teacher (train mode).
     """
     checkpoint = checkpoint if checkpoint is not None else cfg_teacher.get("checkpoint")
-    backbone = cfg_teacher.get("backbone", "sam2d")
+    backbone = cfg_teacher.get("backbone", TeacherConfig.backbone)
     if backbone not in BACKBONES:
         raise TeacherConfigError(f"teacher.backbone: unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
     if backbone == "sam_med3d":
@@ -120,7 +121,7 @@ def build_teacher(cfg_teacher: Mapping[str, Any], num_classes: int, checkpoint: 
         model.configure_trainable(pretrained=False)
     counts = count_parameters(model)
     print(
-        f"teacher: preset={cfg_teacher.get('preset', 'tiny')} peft={model.peft} "
+        f"teacher: preset={cfg_teacher.get('preset') or BACKBONE_DEFAULTS['sam2d']['preset']} peft={model.peft} "
         f"trainable={counts['trainable']:,} frozen={counts['frozen']:,}",
         file=sys.stderr,
     )

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
+from configs.schema import BACKBONE_DEFAULTS, TeacherConfig
 from data.atomic import save_torch_atomic
 from teacher.arch import TeacherArch
 from teacher.build import teacher_from_config
@@ -33,7 +34,7 @@ def save_teacher(path: str | Path, model: torch.nn.Module, meta: Mapping[str, An
     ckpt.setdefault("teacher_cfg", copy.deepcopy(getattr(model, "teacher_cfg", {})))
     ckpt.setdefault("num_classes", model.num_classes)
     ckpt["encoder_pretrained"] = bool(getattr(model, "encoder_pretrained", False))
-    if ckpt["teacher_cfg"].get("backbone", "sam2d") == "sam_med3d":
+    if ckpt["teacher_cfg"].get("backbone", TeacherConfig.backbone) == "sam_med3d":
         ckpt.setdefault("roi_size", [int(model.sam.img_size)] * 3)  # the preset fixes the crop
     else:
         ckpt.setdefault("roi_size", list(model.arch.roi_size))
@@ -68,7 +69,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         if key not in ckpt:
             raise TeacherCheckpointError(f"{path}: missing key {key!r} (not a teacher.pt?)")
     build = ckpt.get("teacher_build")
-    if ckpt["teacher_cfg"].get("backbone", "sam2d") == "sam_med3d":
+    if ckpt["teacher_cfg"].get("backbone", TeacherConfig.backbone) == "sam_med3d":
         return _load_sam_med3d_teacher(path, ckpt, device)
     try:
         if build:
@@ -81,7 +82,7 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             model = teacher_from_config(ckpt["teacher_cfg"], int(ckpt["num_classes"]))
     except (TypeError, ValueError, KeyError) as exc:
         raise TeacherCheckpointError(f"{path}: cannot rebuild the teacher ({exc})") from exc
-    model.grad_checkpointing = bool(ckpt["teacher_cfg"].get("grad_checkpointing", False))
+    model.grad_checkpointing = bool(ckpt["teacher_cfg"].get("grad_checkpointing", TeacherConfig.grad_checkpointing))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as exc:
@@ -100,13 +101,13 @@ def _load_sam_med3d_teacher(path: Path, ckpt: dict[str, Any], device: str | torc
     pretrained = bool(ckpt.get("encoder_pretrained", False))
     try:
         model = SamMed3DAutoTeacher(
-            build_sam_med3d(None, preset=cfg.get("preset", "vit_b_ori")), int(ckpt["num_classes"]),
-            peft=cfg.get("peft", "lora"), lora_rank=int(cfg.get("lora_rank", 4)), freeze_encoder=pretrained,
-            apg_hidden=int(cfg.get("apg_hidden", 64)),
+            build_sam_med3d(None, preset=cfg.get("preset") or BACKBONE_DEFAULTS["sam_med3d"]["preset"]), int(ckpt["num_classes"]),
+            peft=cfg.get("peft") or BACKBONE_DEFAULTS["sam_med3d"]["peft"], lora_rank=int(cfg.get("lora_rank", TeacherConfig.lora_rank)), freeze_encoder=pretrained,
+            apg_hidden=int(cfg.get("apg_hidden", TeacherConfig.apg_hidden)),
         )
         model.load_state_dict(ckpt["model"], strict=True)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise TeacherCheckpointError(f"{path}: cannot rebuild the SAM-Med3D teacher ({exc})") from exc
     model.teacher_cfg, model.encoder_pretrained = cfg, pretrained
-    model.grad_checkpointing = bool(cfg.get("grad_checkpointing", False))
+    model.grad_checkpointing = bool(cfg.get("grad_checkpointing", TeacherConfig.grad_checkpointing))
     return model.to(device).eval(), {k: v for k, v in ckpt.items() if k != "model"}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from configs.schema import BACKBONE_DEFAULTS, TeacherConfig
 from teacher.sam_med3d.auto_teacher import SamMed3DAutoTeacher
 from teacher.sam_med3d.model import SAM_MED3D_PRESETS, build_sam_med3d
 
@@ -27,7 +28,7 @@ def build_sam_med3d_teacher(
     backbone = cfg_teacher.get("backbone", "sam_med3d")
     if backbone != "sam_med3d":
         raise SamMed3DConfigError(f"teacher.backbone={backbone!r}: build_sam_med3d_teacher builds 'sam_med3d' only")
-    preset = cfg_teacher.get("preset", "vit_b_ori")
+    preset = cfg_teacher.get("preset") or BACKBONE_DEFAULTS["sam_med3d"]["preset"]
     if preset not in SAM_MED3D_PRESETS:
         raise SamMed3DConfigError(f"teacher.preset={preset!r} is not a SAM-Med3D preset; choose from {sorted(SAM_MED3D_PRESETS)}")
     crop = SAM_MED3D_PRESETS[preset]["img_size"]
@@ -38,8 +39,8 @@ def build_sam_med3d_teacher(
     return SamMed3DAutoTeacher(
         sam,
         num_classes,
-        peft=cfg_teacher.get("peft", "lora"),
-        lora_rank=int(cfg_teacher.get("lora_rank", 4)),
+        peft=cfg_teacher.get("peft") or BACKBONE_DEFAULTS["sam_med3d"]["peft"],
+        lora_rank=int(cfg_teacher.get("lora_rank", TeacherConfig.lora_rank)),
         freeze_encoder=checkpoint is not None,
-        apg_hidden=int(cfg_teacher.get("apg_hidden", 64)),
+        apg_hidden=int(cfg_teacher.get("apg_hidden", TeacherConfig.apg_hidden)),
     )
