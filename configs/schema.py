@@ -321,7 +321,9 @@ def _check(path: str, value: Any, typ: Any) -> Any:
             return value
         if option is str and isinstance(value, str):
             return value
-        if option in (list, dict) and isinstance(value, option):
+        if option is list and isinstance(value, (list, tuple)):  # a tuple from code is kept as given
+            return value
+        if option is dict and isinstance(value, Mapping):
             return value
     if float in options and isinstance(value, str):
         try:

@@ -129,3 +129,11 @@ def test_the_pipeline_logs_and_saves_the_resolved_config(tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved == yaml.safe_load(logged["config.yaml"]) == pipe.cfg == resolve_config(pipe.cfg)
     assert saved["teacher"]["steps"] == 3 and saved["evaluation"]["overlap"] == EvaluationConfig.overlap
+
+
+def test_a_tuple_from_code_is_a_list_and_a_path_is_no_string():
+    from pathlib import Path as P
+
+    assert resolve_config({"teacher": {"roi_size": (32, 32, 32)}})["teacher"]["roi_size"] == (32, 32, 32)
+    with pytest.raises(ConfigError, match="'data.source'"):
+        resolve_config({"data": {"source": P("/tmp")}})
