@@ -6,7 +6,8 @@ override) refused with its dotted path and the nearest known name, each value ch
 Values are kept as given (a YAML ``2`` for a float key stays ``2``), so the resolved dict of a config that sets a key
 holds exactly what it set; only a float written ``1e-3`` (which YAML 1.1 reads as a string) becomes a float.
 
-Where a key had no default in the code (the code required it), the default is the demo's value, marked "demo".
+Where a key had no default in the code (the code required it), the default is the demo's value, marked "demo";
+where the code's fallbacks disagreed, the one the demo runs with (noted at the key).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class TeacherConfig:
     apg_hidden: int = 64  # SAM-Med3D's auto prompt generator width
     arch: dict | None = None  # free-form TeacherArch fields over the preset (2D SAM only)
     roi_size: list | None = None  # None = the preset's
-    batch_size: int = 2
+    batch_size: int = 2  # teacher/train.py's loader said 2, its check 1
     crops_per_case: int = 1
     class_balanced: bool = True
     flip_prob: float = 0.1  # = data.transforms.DEFAULT_FLIP_PROB
@@ -157,7 +158,7 @@ class DistillConfig:
 class TuneConfig:
     """The λ search (distill/tune_settings.py checks the values; docs/tuning.md explains each)."""
 
-    enabled: bool = True
+    enabled: bool = True  # as the demo and distill/tune_settings.py had it (the pipeline's own fallback said false)
     trials: int = 6
     steps_per_trial: int = 40
     report_every: int = 10
@@ -262,7 +263,7 @@ def _resolve_section(cls: type, given: Any, prefix: str) -> dict:
             hint = f" (did you mean {prefix + near[0]!r}?)" if near else f" (known: {', '.join(hints)})"
             raise ConfigError(f"unknown config key {path!r}{hint}")
     out: dict[str, Any] = {}
-    default = cls()
+    default = dataclasses.asdict(cls())
     for f in dataclasses.fields(cls):
         typ, path = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(typ):
@@ -271,7 +272,7 @@ def _resolve_section(cls: type, given: Any, prefix: str) -> dict:
         elif f.name in given:
             out[f.name] = _check(path, given[f.name], typ)
         else:
-            out[f.name] = dataclasses.asdict(default)[f.name] if f.default is dataclasses.MISSING else f.default
+            out[f.name] = default[f.name]
     if cls is TeacherConfig:
         for key, value in BACKBONE_DEFAULTS.get(out["backbone"], {}).items():
             if out[key] is None:
