@@ -126,6 +126,8 @@ class StudentConfig:
 @dataclass
 class DistillConfig:
     lambda_kd: float = 0.5
+    # constant: λ all along | linear: λ·(1 − step/steps), imitation first and the labels at the end (distill/loss.py)
+    lambda_schedule: str = "constant"
     kd_target: str = "logits"  # logits | probs
     temperature: float = 1.0
     pseudo_labels: bool = False

@@ -41,6 +41,24 @@ from torch.nn import functional as F
 
 KD_TARGETS = ("logits", "probs")
 KD_WEIGHTINGS = ("uniform", "class_balanced")
+LAMBDA_SCHEDULES = ("constant", "linear")
+
+
+def lambda_at(lambda_kd: float, step: int, steps: int, schedule: str = "constant") -> float:
+    """λ for the optimizer step with index ``step`` (0-based) of a ``steps``-step run.
+
+    ``constant`` keeps λ; ``linear`` decays it as ``λ · (1 − step / steps)``: the student imitates the teacher
+    first, which finds every organ in fewer steps than labels do, and fits the labels at the end, where a
+    teacher no better than the labels would hold it back (docs/measurements.md, "Does distillation pay").
+    λ = 0 stays 0, so a λ = 0 student never sees the teacher under any schedule.
+    """
+    if schedule not in LAMBDA_SCHEDULES:
+        raise KDLossError(f"distill.lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {schedule!r}")
+    if steps < 1 or not 0 <= step:
+        raise KDLossError(f"lambda_at needs steps >= 1 and step >= 0, got step {step} of {steps}")
+    if schedule == "constant":
+        return float(lambda_kd)
+    return float(lambda_kd) * max(0.0, 1.0 - step / steps)
 
 
 class KDLossError(ValueError):

@@ -23,7 +23,7 @@ import torch
 
 from distill.cache import AttachTeacherd, TeacherCache
 from data.prepare import PreparedData
-from distill.loss import KDLoss
+from distill.loss import KDLoss, lambda_at
 from evaluation.validation import as_plain_tensor, validation_dice
 from training.distributed import resolve_device
 from training.batches import crop_batches, preload
@@ -122,24 +122,27 @@ def train_student(
     Returns:
         A ``StudentResult``; its ``checkpoint`` is ``student.pt`` holding the best validation weights.
     """
-    from data.transforms import DEFAULT_FLIP_PROB, DEFAULT_ROTATE_PROB, load_transforms, random_crop_transforms
+    from data.transforms import load_transforms, random_crop_transforms
     from monai.transforms import Compose
     from student import arch_options, build_student, check_roi, count_params, save_student
     from training.checkpoint import load_checkpoint
     from training.loop import fit
 
+    from configs import resolve_config
+
     run_dir = Path(run_dir)
+    cfg = resolve_config(cfg)  # every key present, its default from configs/schema.py (partial dicts are filled)
     dcfg, scfg = cfg["distill"], cfg["student"]
     lambda_kd = float(lambda_kd)
-    mode = str(dcfg.get("mode", "cached"))
+    mode = str(dcfg["mode"])
     if mode not in MODES:
         raise DistillConfigError(f"distill.mode must be one of {MODES}, got {mode!r}")
     data = data or PreparedData.load(run_dir / "data" / "data.json")
     num_classes = data.num_classes
     roi_size = [int(s) for s in scfg["roi_size"]]
     check_roi(student_name, roi_size)
-    device = resolve_device(str(cfg.get("run", {}).get("device", "auto")))
-    seed = int(cfg.get("run", {}).get("seed", 0))
+    device = resolve_device(str(cfg["run"]["device"]))
+    seed = int(cfg["run"]["seed"])
     torch.manual_seed(seed)
     if out_dir is None:
         out_dir = run_dir / "students" / (student_name if lambda_kd > 0 else f"{student_name}_lambda0")
@@ -161,16 +164,16 @@ def train_student(
 
         teacher, teacher_meta = load_teacher(teacher_ckpt, device=device)
         # teacher_ckpt may come from anywhere (a tuning study, mode_cost): it must fit this data (labels, ROI, spec).
-        tcfg = cfg.get("teacher", {})
-        check_teacher_fits(teacher_meta, data.labels, data.preprocess, tcfg.get("roi_size"),
-                           allow_preprocess_mismatch=tcfg.get("allow_preprocess_mismatch", False), source=teacher_ckpt)
+        tcfg = cfg["teacher"]
+        check_teacher_fits(teacher_meta, data.labels, data.preprocess, tcfg["roi_size"],
+                           allow_preprocess_mismatch=tcfg["allow_preprocess_mismatch"], source=teacher_ckpt)
         teacher.eval().requires_grad_(False)
 
     # Unlabelled cases can only be learnt from the teacher's cached targets: the KD term alone.
     # The site's cases when data.site is set (the scenario KD is for), else the training split (data.prepare).
     site_labelled, site_unlabelled = data.student_cases()
     labelled = [{**c, "has_label": True} for c in site_labelled]
-    unlabelled = [{**c, "has_label": False} for c in site_unlabelled] if (cache is not None and cfg["data"].get("use_unlabeled", True)) else []
+    unlabelled = [{**c, "has_label": False} for c in site_unlabelled] if (cache is not None and cfg["data"]["use_unlabeled"]) else []
     if not labelled and not unlabelled:
         raise DistillConfigError(f"{student_name} λ={lambda_kd}: no case to learn from (no labelled case"
                                  f"{'' if uses_teacher else ', and λ = 0 uses no unlabelled one'}; see data.site.labelled)")
@@ -183,25 +186,30 @@ def train_student(
     # With a teacher, crops carry the inside-the-volume mask: padding is left out of the KD term (data.transforms).
     inside_key = "inside" if uses_teacher else None
     random_part = random_crop_transforms(
-        roi_size, num_classes, keys=("image", "label"), extra_keys=extra_keys, num_samples=int(dcfg.get("crops_per_case", 1)),
+        roi_size, num_classes, keys=("image", "label"), extra_keys=extra_keys, num_samples=int(dcfg["crops_per_case"]),
         inside_key=inside_key,
-        flip_prob=dcfg.get("flip_prob", DEFAULT_FLIP_PROB),
+        flip_prob=dcfg["flip_prob"],
         # A rotated crop with X != Y would change shape; such crops are flipped but not rotated.
-        rotate_prob=dcfg.get("rotate_prob", DEFAULT_ROTATE_PROB) if roi_size[0] == roi_size[1] else 0.0,
+        rotate_prob=dcfg["rotate_prob"] if roi_size[0] == roi_size[1] else 0.0,
     )
     chain = ([AttachTeacherd(cache)] if cache is not None else []) + [random_part]
     from monai.data import Dataset
 
     crops = Dataset(cases, transform=Compose(chain))
     # Labelled cases come first in ``cases``; distill.labelled_fraction sets their share of the crops.
-    weights = case_weights(len(labelled), len(unlabelled), dcfg.get("labelled_fraction"))
-    batches = crop_batches(crops, int(dcfg["batch_size"]), int(dcfg.get("num_workers", 0)), weights)
+    weights = case_weights(len(labelled), len(unlabelled), dcfg["labelled_fraction"])
+    batches = crop_batches(crops, int(dcfg["batch_size"]), int(dcfg["num_workers"]), weights)
 
     # Pseudo-labels come from the teacher, so a λ = 0 student (no teacher) never has them.
-    kd_loss = KDLoss(lambda_kd, kd_target=str(dcfg.get("kd_target", "logits")),
-                     temperature=float(dcfg.get("temperature", 1.0)), num_classes=num_classes,
-                     pseudo_labels=bool(dcfg.get("pseudo_labels", False)) and cache is not None,
-                     kd_weighting=str(dcfg.get("kd_weighting", "uniform")))
+    kd_loss = KDLoss(lambda_kd, kd_target=str(dcfg["kd_target"]),
+                     temperature=float(dcfg["temperature"]), num_classes=num_classes,
+                     pseudo_labels=bool(dcfg["pseudo_labels"]) and cache is not None,
+                     kd_weighting=str(dcfg["kd_weighting"]))
+    lambda_schedule = str(dcfg["lambda_schedule"])
+    lambda_at(lambda_kd, 0, 1, lambda_schedule)  # a bad schedule name fails here, before any step
+
+    def on_step(step: int) -> None:
+        kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule)
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)
@@ -217,7 +225,7 @@ def train_student(
         kd_mask = as_plain_tensor(batch["inside"]).to(device, non_blocking=True) if inside_key else None
         return kd_loss(student_logits.float(), teacher_logits, label, has_label, kd_mask)
 
-    overlap = float(cfg.get("evaluation", {}).get("overlap", 0.25))
+    overlap = float(cfg["evaluation"]["overlap"])
 
     def val_fn(model: torch.nn.Module) -> dict[str, float]:
         return validation_dice(model, val_cases, roi_size, num_classes, overlap, device)
@@ -239,7 +247,7 @@ def train_student(
               f"{len(unlabelled)} unlabelled cases, {settings.steps} steps, batch {dcfg['batch_size']} of {roi_size}, "
               f"{count_params(model) / 1e6:.2f}M params{f' {options}' if options else ''}, device {device} -> {out_dir}")
     result = fit(model, loss_fn, batches, settings, out_dir, val_fn=val_fn, extra_meta=meta,
-                 on_validation=on_validation, tracker=tracker, device=device)
+                 on_validation=on_validation, tracker=tracker, device=device, on_step=on_step)
     student_ckpt = out_dir / "student.pt"
     if result.best_path is None:
         raise DistillConfigError(f"{out_dir}: training ended without a validated best checkpoint")
@@ -273,7 +281,6 @@ def _train_settings(dcfg: Mapping[str, Any], steps: int | None, seed: int, progr
     if steps is not None:
         section["steps"] = int(steps)
         section["val_every"] = min(int(section.get("val_every", steps)), int(steps))
-    section.setdefault("schedule", "poly")
     return TrainSettings.from_config(section, seed=seed, progress=progress)
 
 

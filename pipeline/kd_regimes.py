@@ -42,6 +42,14 @@ VARIANTS: dict[str, tuple[float, dict[str, Any]]] = {
     "kd_balanced": (0.5, {"pseudo_labels": False, "kd_weighting": "class_balanced"}),
     "kd_pseudo_balanced_half": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5}),
     "kd_l1_balanced": (1.0, {"kd_weighting": "class_balanced", "labelled_fraction": 0.5}),
+    # Labels only in DiceCE (no pseudo-labels), the teacher through the class-balanced MSE; λ constant or decaying.
+    "kd_balanced_half": (0.5, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5}),
+    "kd_balanced_half_linear": (0.5, {"pseudo_labels": False, "kd_weighting": "class_balanced",
+                                      "labelled_fraction": 0.5, "lambda_schedule": "linear"}),
+    "kd_half_linear": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
+                             "lambda_schedule": "linear"}),
+    "kd_l1_linear": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
+                           "lambda_schedule": "linear"}),
     # The same losses under a cosine decay to 0 at the run's last step (the demo's students use a constant rate).
     "lambda0_cosine": (0.0, {"schedule": "cosine"}),
     "kd_half_cosine": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,

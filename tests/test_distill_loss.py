@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.loss import KDLoss, KDLossError
+from distill.loss import KDLoss, KDLossError, lambda_at
 
 SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr = smooth_dr default
 
@@ -167,3 +167,12 @@ def test_class_balanced_mse_gives_each_class_the_same_total_weight():
     assert float(masked) == pytest.approx(e2 * 0.5)
     with pytest.raises(KDLossError, match="kd_weighting"):
         KDLoss(0.5, kd_weighting="focal")
+
+
+def test_lambda_schedule_constant_keeps_lambda_linear_decays_it_to_the_labels():
+    assert [lambda_at(0.5, s, 400) for s in (0, 200, 399)] == [0.5, 0.5, 0.5]
+    assert [lambda_at(0.8, s, 400, "linear") for s in (0, 100, 200, 300)] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert lambda_at(0.8, 399, 400, "linear") == pytest.approx(0.002)
+    assert lambda_at(0.0, 10, 400, "linear") == 0.0  # λ = 0 never sees the teacher
+    with pytest.raises(KDLossError, match="lambda_schedule.*cosine"):
+        lambda_at(0.5, 0, 400, "cosine")

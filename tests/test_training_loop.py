@@ -67,6 +67,21 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_on_step_sees_every_step_index_once_and_a_resume_continues_from_its_step(tmp_path):
+    seen = []
+
+    def kill_at_10(step, metrics):
+        if step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(new_model(), loss_fn, random_batches(), settings(), tmp_path, val_fn=make_val_fn(),
+            on_validation=kill_at_10, on_step=seen.append)
+    assert seen == list(range(10))
+    fit(new_model(), loss_fn, random_batches(), settings(), tmp_path, val_fn=make_val_fn(), on_step=seen.append)
+    assert seen == list(range(20))  # the λ schedule of a resumed student picks up where it stopped
+
+
 def test_a_finished_run_returns_its_result_without_training(tmp_path, capsys):
     first = fit(new_model(), loss_fn, random_batches(), settings(steps=10), tmp_path, val_fn=make_val_fn())
 

@@ -88,6 +88,7 @@ def fit(
     extra_meta: Mapping[str, Any] | None = None,
     on_validation: Callable[[int, dict[str, float]], None] | None = None,
     tracker: "Tracker | None" = None,
+    on_step: Callable[[int], None] | None = None,
     device: str | torch.device = "cpu",
     resume: bool = True,
 ) -> FitResult:
@@ -107,6 +108,8 @@ def fit(
             ``torch.no_grad()``, higher Dice is better; run on rank 0 only. None: no validation, no best.pt.
         extra_meta: stage metadata saved in the checkpoints (``config``, ``labels``, ``arch`` ...); on
             resume every key but ``config`` must match what ``last.pt`` holds.
+        on_step: ``on_step(step)`` before each optimizer step, with the steps already taken (0-based, the resumed
+            step after a resume), for losses whose weights follow the step (``distill.lambda_schedule``).
         on_validation: ``on_validation(step, metrics)`` after each validation, once ``last.pt`` is written,
             on every rank; an exception it raises (``optuna.TrialPruned``) propagates.
         tracker: a :class:`training.tracking.Tracker` inside an open run, or None.
@@ -202,6 +205,8 @@ def fit(
     try:
         while step < cfg.steps:
             batch = _to_device(next(stream), device)
+            if on_step is not None:
+                on_step(step)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
             scaler.scale(loss).backward()
