@@ -15,10 +15,11 @@ Each variant trains the same student (``student.names[0]`` unless ``--student``)
 with its own ``distill.*`` settings (``VARIANTS``), in ``<run>/regimes/<regime>/<variant>``; the run's
 validation split picks its checkpoint, and the evaluation stage's code scores it once on the test split. The
 result is ``<run>/regimes/regimes.json``, a Markdown table (``regimes.md``) and validation Dice against training
-minutes for every run (``regimes_curves.png``). A finished (variant, steps) is not trained again; a longer budget
-continues the variant's run from its ``last.pt`` (the demo's schedule is constant after warm-up, so the
-learning rate is that of a run trained for the longer budget from the start; the crop stream restarts, so the
-two runs are alike, not identical) and is recorded beside the shorter one.
+minutes for every run (``regimes_curves.png``). A finished (variant, steps) is not trained again; under a constant
+learning rate and a constant λ a longer budget continues the variant's run from its ``last.pt`` (the rate and λ
+are then those of a run trained for the longer budget from the start; the crop stream restarts, so the two runs
+are alike, not identical) and is recorded beside the shorter one; under a decaying rate or λ (which depend on the
+budget) each budget trains from the start in its own folder.
 
 The data, teacher and cache are the pipeline's stages of the same run folder, so a teacher given with
 ``--teacher`` is checked against the data like any other, and its cache is built once for both regimes.
@@ -120,6 +121,9 @@ def run_regimes(cfg: Mapping[str, Any], run_dir: str | Path, variants: Sequence[
                 vcfg = copy.deepcopy(pipeline.cfg)
                 vcfg["distill"].update(settings)
                 out = out_root / regime / variant
+                if (vcfg["distill"]["schedule"], vcfg["distill"]["lambda_schedule"]) != ("constant", "constant"):
+                    # A decaying lr or λ depends on the budget: a shorter run is no prefix of a longer one.
+                    out = out_root / regime / f"{variant}@{steps}"
                 result = train_student(vcfg, pipeline.run_dir, name, lambda_kd, teacher_ckpt, cache_dir,
                                        out_dir=out, steps=steps, data=rdata)
                 scores = evaluate_models({variant: {"kind": "student", "checkpoint": result.checkpoint}}, rdata, vcfg,

@@ -232,8 +232,9 @@ class Pipeline:
         """The completed tuning trial a final student can continue instead of starting over, or None.
 
         A trial qualifies when it trained the same student with the same λ (and temperature and lr) and is a
-        prefix of the final run: it trained the full budget, or fewer steps under a constant schedule (the
-        learning rate then does not depend on the budget). The student then resumes from the trial's checkpoint
+        prefix of the final run: it trained the full budget, or fewer steps under a constant schedule and a
+        constant λ (the learning rate and λ then do not depend on the budget; ``distill.lambda_schedule: linear``
+        decays λ over the budget). The student then resumes from the trial's checkpoint
         as from a killed run of its own; the engine's resume check still refuses it if any setting differs.
         """
         from distill.tune import TuneSettings
@@ -244,7 +245,8 @@ class Pipeline:
         dcfg = self.cfg["distill"]
         budget = int(steps if steps is not None else dcfg["steps"])
         trial_steps = settings.steps_per_trial
-        if not (trial_steps == budget or (trial_steps < budget and dcfg["schedule"] == "constant")):
+        if not (trial_steps == budget or (trial_steps < budget and dcfg["schedule"] == "constant"
+                                              and dcfg["lambda_schedule"] == "constant")):
             return None
         for trial in self._complete_trials():
             same = (trial.get("student") == name and float(trial["lambda_kd"]) == float(lambda_kd)
