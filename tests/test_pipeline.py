@@ -136,7 +136,7 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     run_dir = tmp_path / "run"
     tuned = [o for o in overrides(phantom_dataset) if not o.startswith("tune.")] + [
         "tune.enabled=true", "tune.trials=2", "tune.steps_per_trial=2", "tune.report_every=2",
-        "distill.steps=4", "distill.schedule=constant"]
+        "distill.steps=4", "distill.schedule=constant", "distill.lambda_schedule=constant"]
     report = main(["--out", str(run_dir), "--teacher", str(teacher), *tuned])
 
     # The two enqueued trials measure both ends of the range; the student then trains with the winner.
@@ -179,7 +179,9 @@ def test_kd_regimes_trains_each_variant_per_regime_scores_the_test_split_and_ski
     # The site holds 3 phantoms, 1 labelled: λ = 0 learns from it alone, KD from all three; all of them labelled in full.
     assert [(runs[k]["labelled"], runs[k]["unlabelled"]) for k in sorted(runs)] == [(1, 2), (1, 0), (3, 0), (3, 0)]
     assert all(r["split"] == "test" and r["test_cases"] == 1 and r["steps"] == 2 for r in runs.values())
-    metrics = json.loads((tmp_path / "run" / "regimes" / "few" / "kd_pseudo" / "test" / "metrics.json").read_text())
+    # The demo's lr and λ decay over the budget, so each budget trains in a folder of its own.
+    assert (cfg["distill"]["schedule"], cfg["distill"]["lambda_schedule"]) == ("cosine", "linear")
+    metrics = json.loads((tmp_path / "run" / "regimes" / "few" / "kd_pseudo@2" / "test" / "metrics.json").read_text())
     assert runs["few/kd_pseudo@2"]["test_dice"] == pytest.approx(metrics["kd_pseudo"]["summary"]["mean"]["dice"])
     out = tmp_path / "run" / "regimes"
     assert (out / "regimes.md").read_text().count("\n") == 2 + len(runs) and (out / "regimes_curves.png").is_file()
