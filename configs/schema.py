@@ -126,6 +126,7 @@ class StudentConfig:
 @dataclass
 class DistillConfig:
     lambda_kd: float = 0.5
+    seed: int | None = None  # the students' seed (init, crops); None = run.seed
     # constant: λ all along | linear: λ·(1 − step/steps), imitation first and the labels at the end (distill/loss.py)
     lambda_schedule: str = "constant"
     kd_target: str = "logits"  # logits | probs

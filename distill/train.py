@@ -142,7 +142,9 @@ def train_student(
     roi_size = [int(s) for s in scfg["roi_size"]]
     check_roi(student_name, roi_size)
     device = resolve_device(str(cfg["run"]["device"]))
-    seed = int(cfg["run"]["seed"])
+    # distill.seed: the student's own seed (initialisation, crops), to measure the seed-to-seed spread on the same
+    # data and teacher; null = run.seed (which also seeds the phantoms and the splits).
+    seed = int(cfg["run"]["seed"] if dcfg["seed"] is None else dcfg["seed"])
     torch.manual_seed(seed)
     if out_dir is None:
         out_dir = run_dir / "students" / (student_name if lambda_kd > 0 else f"{student_name}_lambda0")
