@@ -74,6 +74,8 @@ def build_report(
         # best_dice of a student is its best validation Dice: the figure that chose its checkpoint.
         # The students' own data (data.site), None when they learn from the corpus's training split.
         "site": data_info.get("site"),
+        # constant | linear: a KD student's λ is its starting value, falling to 0 over the run when linear.
+        "lambda_schedule": cfg["distill"]["lambda_schedule"],
         "teacher_training": teacher_training,
         "students": [{**{k: v for k, v in s.to_dict().items() if k != "history"}, "best_dice_split": "val",
                       "val_cases": splits.get("val"), "train_minutes": round(float(s.wall_seconds) / 60, 2)}
@@ -143,6 +145,9 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"| {s['name']} | {s['lambda_kd']:g} | {s['labelled']} + {s['unlabelled']} | {s['last_step']} | "
                          f"{_fmt(s['train_minutes'], 1)} | "
                          f"{_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
+        if report.get("lambda_schedule") == "linear":
+            lines += ["", "λ is each KD student's starting value: it falls linearly to 0 over the run "
+                      "(distill.lambda_schedule: linear), imitation first and the labels at the end."]
         if report.get("curves"):
             lines += ["", f"Validation Dice against training minutes: {report['curves']}"]
     tune = report.get("tune")

@@ -92,7 +92,9 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     learnt = {(s["lambda_kd"] > 0): (s["labelled"], s["unlabelled"]) for s in report["students"]}
     assert learnt == {True: (1, 2), False: (1, 0)}
     assert all(s["train_minutes"] == pytest.approx(s["wall_seconds"] / 60, abs=0.01) for s in report["students"])
-    assert "| unet_small | 0.5 | 1 + 2 | 2 |" in text and "Students' own data (data.site, phantoms): 1 labelled + 2" in text
+    assert "| unet_small | 1 | 1 + 2 | 2 |" in text and "Students' own data (data.site, phantoms): 1 labelled + 2" in text
+    # The demo's λ falls from its starting value to 0 over the run, and the report says so.
+    assert report["lambda_schedule"] == "linear" and "falls linearly to 0 over the run" in text
     assert Path(report["curves"]).is_file() and report["curves"] in text
 
     # Cached against online distillation on this run: both modes train, the figures are consistent.
