@@ -275,6 +275,12 @@ def train_student(
     )
 
 
+def budget_free(dcfg: Mapping[str, Any]) -> bool:
+    """Whether a student's learning rate and λ at a step do not depend on its step budget (constant lr and
+    constant λ), so that a shorter run of the same settings is a prefix of a longer one and can be continued."""
+    return dcfg["schedule"] == "constant" and dcfg["lambda_schedule"] == "constant"
+
+
 def _train_settings(dcfg: Mapping[str, Any], steps: int | None, seed: int, progress: bool = True) -> Any:
     """The engine's settings from the ``distill`` section, with an optional step budget override."""
     from training.loop import TrainSettings

@@ -86,7 +86,7 @@ def run_regimes(cfg: Mapping[str, Any], run_dir: str | Path, variants: Sequence[
     """Train and score every (regime, variant); returns and writes ``regimes.json``."""
     from distill.evaluate import evaluate_models
     from pipeline.pipeline import Pipeline
-    from distill.train import train_student
+    from distill.train import budget_free, train_student
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -121,7 +121,7 @@ def run_regimes(cfg: Mapping[str, Any], run_dir: str | Path, variants: Sequence[
                 vcfg = copy.deepcopy(pipeline.cfg)
                 vcfg["distill"].update(settings)
                 out = out_root / regime / variant
-                if (vcfg["distill"]["schedule"], vcfg["distill"]["lambda_schedule"]) != ("constant", "constant"):
+                if not budget_free(vcfg["distill"]):
                     # A decaying lr or λ depends on the budget: a shorter run is no prefix of a longer one.
                     out = out_root / regime / f"{variant}@{steps}"
                 result = train_student(vcfg, pipeline.run_dir, name, lambda_kd, teacher_ckpt, cache_dir,

@@ -237,6 +237,7 @@ class Pipeline:
         decays λ over the budget). The student then resumes from the trial's checkpoint
         as from a killed run of its own; the engine's resume check still refuses it if any setting differs.
         """
+        from distill.train import budget_free
         from distill.tune import TuneSettings
 
         settings = TuneSettings.from_config(self.cfg)
@@ -245,8 +246,7 @@ class Pipeline:
         dcfg = self.cfg["distill"]
         budget = int(steps if steps is not None else dcfg["steps"])
         trial_steps = settings.steps_per_trial
-        if not (trial_steps == budget or (trial_steps < budget and dcfg["schedule"] == "constant"
-                                              and dcfg["lambda_schedule"] == "constant")):
+        if not (trial_steps == budget or (trial_steps < budget and budget_free(dcfg))):
             return None
         for trial in self._complete_trials():
             same = (trial.get("student") == name and float(trial["lambda_kd"]) == float(lambda_kd)

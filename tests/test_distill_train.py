@@ -110,3 +110,11 @@ def test_cache_manifest_covers_labelled_and_unlabelled_cases(setup):
     labelled = {cid for cid, e in manifest["entries"].items() if e["labelled"]}
     assert labelled == {c["case_id"] for c in data.train}
     assert set(manifest["entries"]) - labelled == {c["case_id"] for c in data.unlabelled}
+
+
+def test_only_a_constant_lr_and_a_constant_lambda_make_a_shorter_run_a_prefix_of_a_longer_one():
+    from distill.train import budget_free
+
+    assert budget_free({"schedule": "constant", "lambda_schedule": "constant"})
+    assert not budget_free({"schedule": "cosine", "lambda_schedule": "constant"})
+    assert not budget_free({"schedule": "constant", "lambda_schedule": "linear"})  # λ falls over the budget
