@@ -129,6 +129,7 @@ class DistillConfig:
     seed: int | None = None  # the students' seed (init, crops); None = run.seed
     # constant: λ all along | linear: λ·(1 − step/steps), imitation first and the labels at the end (distill/loss.py)
     lambda_schedule: str = "constant"
+    lambda_end_ratio: float = 0.0  # linear: λ falls to this fraction of itself (0: to the labels alone)
     kd_target: str = "logits"  # logits | probs
     temperature: float = 1.0
     pseudo_labels: bool = False

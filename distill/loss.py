@@ -44,21 +44,26 @@ KD_WEIGHTINGS = ("uniform", "class_balanced")
 LAMBDA_SCHEDULES = ("constant", "linear")
 
 
-def lambda_at(lambda_kd: float, step: int, steps: int, schedule: str = "constant") -> float:
+def lambda_at(lambda_kd: float, step: int, steps: int, schedule: str = "constant", end_ratio: float = 0.0) -> float:
     """λ for the optimizer step with index ``step`` (0-based) of a ``steps``-step run.
 
-    ``constant`` keeps λ; ``linear`` decays it as ``λ · (1 − step / steps)``: the student imitates the teacher
-    first, which finds every organ in fewer steps than labels do, and fits the labels at the end, where a
-    teacher no better than the labels would hold it back (docs/measurements.md, "Does distillation pay").
+    ``constant`` keeps λ; ``linear`` decays it from λ to ``end_ratio · λ`` as
+    ``λ · (end_ratio + (1 − end_ratio) · (1 − step / steps))``: the student imitates the teacher first, which
+    finds every organ in fewer steps than labels do, and fits the labels at the end, where a teacher no better
+    than the labels would hold it back (docs/measurements.md, "Does distillation pay"). ``end_ratio`` > 0 keeps
+    part of the teacher to the end (and so the unlabelled crops, whose only term is the teacher's).
     λ = 0 stays 0, so a λ = 0 student never sees the teacher under any schedule.
     """
     if schedule not in LAMBDA_SCHEDULES:
         raise KDLossError(f"distill.lambda_schedule must be one of {LAMBDA_SCHEDULES}, got {schedule!r}")
     if steps < 1 or not 0 <= step:
         raise KDLossError(f"lambda_at needs steps >= 1 and step >= 0, got step {step} of {steps}")
+    if not 0.0 <= float(end_ratio) <= 1.0:
+        raise KDLossError(f"distill.lambda_end_ratio must lie in [0, 1], got {end_ratio!r}")
     if schedule == "constant":
         return float(lambda_kd)
-    return float(lambda_kd) * max(0.0, 1.0 - step / steps)
+    left = max(0.0, 1.0 - step / steps)
+    return float(lambda_kd) * (float(end_ratio) + (1.0 - float(end_ratio)) * left)
 
 
 class KDLossError(ValueError):

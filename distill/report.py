@@ -76,6 +76,7 @@ def build_report(
         "site": data_info.get("site"),
         # constant | linear: a KD student's λ is its starting value, falling to 0 over the run when linear.
         "lambda_schedule": cfg["distill"]["lambda_schedule"],
+        "lambda_end_ratio": float(cfg["distill"]["lambda_end_ratio"]),
         "teacher_training": teacher_training,
         "students": [{**{k: v for k, v in s.to_dict().items() if k != "history"}, "best_dice_split": "val",
                       "val_cases": splits.get("val"), "train_minutes": round(float(s.wall_seconds) / 60, 2)}
@@ -146,7 +147,9 @@ def format_report(report: Mapping[str, Any]) -> str:
                          f"{_fmt(s['train_minutes'], 1)} | "
                          f"{_fmt(s['best_dice'])} | {_fmt(s['seconds_per_step'], 2)} |")
         if report.get("lambda_schedule") == "linear":
-            lines += ["", "λ is each KD student's starting value: it falls linearly to 0 over the run "
+            ratio = float(report.get("lambda_end_ratio") or 0.0)
+            end = "0" if ratio == 0 else f"{ratio:g} of itself (distill.lambda_end_ratio)"
+            lines += ["", f"λ is each KD student's starting value: it falls linearly to {end} over the run "
                       "(distill.lambda_schedule: linear), imitation first and the labels at the end."]
         if report.get("curves"):
             lines += ["", f"Validation Dice against training minutes: {report['curves']}"]

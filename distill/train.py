@@ -208,10 +208,11 @@ def train_student(
                      pseudo_labels=bool(dcfg["pseudo_labels"]) and cache is not None,
                      kd_weighting=str(dcfg["kd_weighting"]))
     lambda_schedule = str(dcfg["lambda_schedule"])
-    lambda_at(lambda_kd, 0, 1, lambda_schedule)  # a bad schedule name fails here, before any step
+    end_ratio = float(dcfg["lambda_end_ratio"])
+    lambda_at(lambda_kd, 0, 1, lambda_schedule, end_ratio)  # a bad schedule name or ratio fails here, before any step
 
     def on_step(step: int) -> None:
-        kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule)
+        kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule, end_ratio)
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)

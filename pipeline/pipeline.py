@@ -460,7 +460,9 @@ class Pipeline:
         if teacher_info.get("history"):
             series["teacher"] = teacher_info["history"]
         for s in students:
-            lam = f"{s.lambda_kd:g}" + (" → 0" if s.lambda_kd > 0 and self.cfg["distill"]["lambda_schedule"] == "linear" else "")
+            dcfg = self.cfg["distill"]
+            end = s.lambda_kd * float(dcfg["lambda_end_ratio"])
+            lam = f"{s.lambda_kd:g}" + (f" → {end:g}" if s.lambda_kd > 0 and dcfg["lambda_schedule"] == "linear" else "")
             series[f"{s.name} (λ={lam}, {s.labelled}+{s.unlabelled} cases)"] = s.history
         path = plot_dice_vs_minutes(series, self.run_dir / "dice_vs_minutes.png",
                                     title=f"{self.cfg['run']['name']}: validation Dice ({len(self._need_data().val)} cases)")

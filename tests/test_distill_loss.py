@@ -176,3 +176,12 @@ def test_lambda_schedule_constant_keeps_lambda_linear_decays_it_to_the_labels():
     assert lambda_at(0.0, 10, 400, "linear") == 0.0  # λ = 0 never sees the teacher
     with pytest.raises(KDLossError, match="lambda_schedule.*cosine"):
         lambda_at(0.5, 0, 400, "cosine")
+
+
+def test_linear_lambda_falls_to_its_end_ratio_and_never_below():
+    assert [lambda_at(1.0, s, 400, "linear", 0.25) for s in (0, 200, 400)] == pytest.approx([1.0, 0.625, 0.25])
+    assert lambda_at(0.4, 400, 400, "linear", 0.5) == pytest.approx(0.2)
+    assert lambda_at(0.0, 100, 400, "linear", 0.5) == 0.0
+    assert lambda_at(0.6, 100, 400, "constant", 0.5) == 0.6  # the ratio belongs to the linear schedule
+    with pytest.raises(KDLossError, match="lambda_end_ratio.*1.5"):
+        lambda_at(1.0, 0, 400, "linear", 1.5)
