@@ -7,6 +7,15 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-fast venv clean
 
+# `make demo ISA=avx2`: the same flow with oneDNN (PyTorch's and OpenVINO's), ATen and MKL capped to AVX2 + FMA,
+# so an AVX-512 machine computes as an AVX2-only one (no AVX-512, no native bf16: amp bf16 falls back to float32).
+# The report and benchmarks name the cap. It caps instruction sets, not clocks or caches.
+ifeq ($(ISA),avx2)
+export ONEDNN_MAX_CPU_ISA := AVX2
+export ATEN_CPU_CAPABILITY := avx2
+export MKL_ENABLE_INSTRUCTIONS := AVX2
+endif
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import platform
 import re
 from pathlib import Path
@@ -44,16 +43,12 @@ class ReportError(ValueError):
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, CPU features that decide precisions, and library versions."""
+    """CPU model, core counts, the instruction sets the kernels may use (fewer under an ``ONEDNN_MAX_CPU_ISA``
+    cap, which ``isa_cap`` names), and library versions."""
+    from deploy.machine import cpu_info
     from export.bundle import library_versions  # the same versions a bundle records
-    cpu_model, flags = "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name") and cpu_model == "unknown":
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+
+    cpu = cpu_info()
     try:
         import psutil
 
@@ -61,14 +56,15 @@ def machine_info() -> dict[str, Any]:
         mem_gb = round(psutil.virtual_memory().total / 1024**3, 1)
     except ImportError:  # pragma: no cover - psutil is a dependency
         physical, mem_gb = None, None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu_model": cpu_model,
-        "logical_cores": os.cpu_count(),
+        "cpu_model": cpu["model"],
+        "logical_cores": cpu["logical_cpus"],
         "physical_cores": physical,
-        "usable_cores": usable,
+        "usable_cores": cpu["usable_cpus"],
         "memory_gb": mem_gb,
-        "cpu_features": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}),
+        "cpu_features": sorted(f for f in cpu["flags"] if f in {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                                 "amx_bf16", "amx_int8", "avx_vnni"}),
+        "isa_cap": cpu["isa_cap"],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": library_versions(),
@@ -140,7 +136,8 @@ def write_markdown(
     lines = ["# Benchmark report", ""]
     lines += [
         f"- CPU: {machine.get('cpu_model')} ({machine.get('usable_cores')} usable of "
-        f"{machine.get('logical_cores')} logical cores; features {', '.join(machine.get('cpu_features', [])) or 'none'})",
+        f"{machine.get('logical_cores')} logical cores; features {', '.join(machine.get('cpu_features', [])) or 'none'}"
+        + (f"; capped to {machine['isa_cap']} by ONEDNN_MAX_CPU_ISA" if machine.get("isa_cap") else "") + ")",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items()),
         "- Peak memory is the peak RSS of a fresh process per row (interpreter and runtime libraries "
         "included; `base_rss_mb` in the CSV is the same process before the model was loaded).",

@@ -1,7 +1,7 @@
 """Seconds and % of the GEMM peak of one student *training* step, per setting, measured in one run.
 
     python -m benchmarks.train_step [--student swinunetr_tiny] [--roi 64 64 32] [--batch 1] [--steps 6]
-                                    [--settings window7 window4 window8 compile channels_last bf16]
+                                    [--settings window7 window4 window8 compile channels_last bf16 fused_attention]
                                     [--threads 2] [--out runs/train_step]
 
 A distillation run is thousands of these steps, so on a CPU the step is the budget. Each setting builds the
@@ -14,7 +14,9 @@ shared machine does not land on one setting only.
 
 Settings: ``windowN`` (SwinUNETR attention window N³; the baseline is the first setting), ``compile``
 (``torch.compile`` of the first window setting), ``channels_last`` (``torch.channels_last_3d`` input and
-weights), ``bf16`` (CPU bf16 autocast; skipped where the CPU has no native bf16), ``batchB`` (batch B).
+weights), ``bf16`` (CPU bf16 autocast; skipped where the CPU has no native bf16), ``batchB`` (batch B),
+``fused_attention`` (window attention as one ``scaled_dot_product_attention`` call, forward and backward:
+``student.swin_attention``).
 No timing is asserted anywhere: this is a measurement, its figures go in docs and the closing notes.
 """
 from __future__ import annotations
@@ -30,15 +32,15 @@ from typing import Any, Sequence
 
 def _parse_setting(name: str, default_window: int, default_batch: int) -> dict[str, Any]:
     setting = {"name": name, "window_size": default_window, "batch": default_batch, "compile": False,
-               "channels_last": False, "bf16": False}
+               "channels_last": False, "bf16": False, "fused_attention": False}
     if name.startswith("window") and name[6:].isdigit():
         setting["window_size"] = int(name[6:])
     elif name.startswith("batch") and name[5:].isdigit():
         setting["batch"] = int(name[5:])
-    elif name in ("compile", "channels_last", "bf16"):
+    elif name in ("compile", "channels_last", "bf16", "fused_attention"):
         setting[name] = True
     else:
-        raise SystemExit(f"unknown setting {name!r} (windowN, batchB, compile, channels_last, bf16)")
+        raise SystemExit(f"unknown setting {name!r} (windowN, batchB, compile, channels_last, bf16, fused_attention)")
     return setting
 
 
@@ -51,6 +53,10 @@ def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], n
 
     torch.manual_seed(0)
     model = build_student(student, num_classes, options={"window_size": setting["window_size"]})
+    if setting["fused_attention"]:
+        from student.swin_attention import use_fused_attention
+
+        use_fused_attention(model)
     gflops = 3.0 * describe(model, roi)["gflops"] * setting["batch"]
     model.train()
     if setting["channels_last"]:
@@ -127,7 +133,8 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
 def format_table(result: dict) -> str:
     machine = result["machine"]
     lines = [f"# Student training step: {result['student']}, ROI {result['roi_size']}, {result['threads']} threads", "",
-             f"CPU: {machine.get('cpu_model')}; instruction sets: {', '.join(machine.get('cpu_features') or []) or 'unknown'}; "
+             f"CPU: {machine.get('cpu_model')}; instruction sets: {', '.join(machine.get('cpu_features') or []) or 'unknown'}"
+             + (f" (capped to {machine['isa_cap']} by ONEDNN_MAX_CPU_ISA)" if machine.get("isa_cap") else "") + "; "
              f"fp32 GEMM peak {result['peak_gflops']} GFLOP/s (same run)", "",
              "| setting | window | batch | s/step | s/sample | GFLOP/step | % of fp32 peak | samples/s vs first |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

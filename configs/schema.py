@@ -202,6 +202,7 @@ class ExportConfig:
     max_restore_iterations: int | None = None
     min_fp32_dice: float = 0.0
     onnxruntime_int8: bool = True
+    dynamic_batch: bool = True  # try a dynamic batch axis first (kept only where both runtimes reproduce PyTorch)
 
 
 @dataclass

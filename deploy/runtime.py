@@ -19,6 +19,10 @@ PRECISIONS = ("fp32", "bf16", "int8")
 def cpu_supports_bf16(core: Any = None) -> bool:
     """Whether OpenVINO's CPU plugin reports native bf16 (``OPTIMIZATION_CAPABILITIES``): the one check of it
     (export, benchmarks and the auto choice ask here)."""
+    from deploy.machine import has_native_bf16_flags, isa_cap
+
+    if isa_cap() is not None and not has_native_bf16_flags():
+        return False  # OpenVINO still lists BF16 under an ONEDNN_MAX_CPU_ISA cap, but its kernels may not use it
     if core is None:
         import openvino as ov
 

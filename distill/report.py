@@ -64,10 +64,17 @@ def build_report(
         teacher_training = {"steps": int(teacher_info["steps"]), "best_dice": teacher_info.get("best_dice"),
                             "best_dice_split": "val", "seconds_per_step": teacher_info.get("seconds_per_step"),
                             "train_minutes": round(float(teacher_info.get("train_seconds") or 0.0) / 60, 2)}
+    from deploy.machine import cpu_info
+
+    cpu = cpu_info()
     return {
         "run": str(cfg["run"]["name"]),
         "run_dir": str(run_dir),
         "wall_seconds": round(float(wall_seconds), 1),
+        # Every time in the report is this machine's: its model, the instruction sets the kernels could use
+        # (fewer under an ONEDNN_MAX_CPU_ISA cap, e.g. make demo ISA=avx2) and the threads.
+        "machine": {"cpu_model": cpu["model"], "instruction_sets": cpu["flags"], "isa_cap": cpu["isa_cap"],
+                    "usable_cpus": cpu["usable_cpus"], "threads": cfg["run"]["threads"]},
         "splits": splits,
         "data_warnings": data_warnings,
         "models": models,
@@ -170,5 +177,14 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines += ["", f"Run folder: {report['run_dir']}  ", f"MLflow: {report['mlflow']}  ",
               f"Bundles: {', '.join(report['bundles'].values()) or 'none'}  ",
               f"Benchmark: {'none (skipped)' if not report['benchmark'] else ', '.join(report['benchmark'].values())}  ",
-              f"Wall time of this invocation: {report['wall_seconds']:.0f} s", ""]
+              f"Wall time of this invocation: {report['wall_seconds']:.0f} s" + _machine_line(report.get("machine")), ""]
     return "\n".join(lines)
+
+
+def _machine_line(machine: Mapping[str, Any] | None) -> str:
+    """`` on <CPU> (<instruction sets>[, capped to X], N threads)`` for the wall-time line; empty without one."""
+    if not machine:
+        return ""
+    sets = ", ".join(machine.get("instruction_sets") or []) or "no listed instruction sets"
+    cap = f"; capped to {machine['isa_cap']} by ONEDNN_MAX_CPU_ISA" if machine.get("isa_cap") else ""
+    return f" on {machine.get('cpu_model')} ({sets}{cap}; {machine.get('threads')} threads)"

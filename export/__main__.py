@@ -25,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cap on NNCF's layer-by-layer return to float (default: until within the bound)")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--static-batch", action="store_true",
+                        help="export batch 1 at once instead of trying a dynamic batch axis first")
     args = parser.parse_args(argv)
     if args.int8 and not args.calib_dir:
         parser.error("--int8 needs --calib-dir (INT8 calibrated on random data would be meaningless)")
@@ -32,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = build_bundle(args.student, args.out, calibration=args.calib_dir, int8=args.int8,
                               max_dice_drop=args.max_dice_drop, calibration_crops=args.calib_crops,
                               validation_crops=args.val_crops, overlap=args.overlap, threads=args.threads,
-                              min_fp32_dice=args.min_fp32_dice, max_restore_iterations=args.max_restore_iterations)
+                              min_fp32_dice=args.min_fp32_dice, max_restore_iterations=args.max_restore_iterations,
+                              dynamic_batch=not args.static_batch)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -383,6 +383,7 @@ class Pipeline:
                                       calibration_crops=int(ecfg["calibration_crops"]),
                                       max_restore_iterations=ecfg["max_restore_iterations"],
                                       min_fp32_dice=float(ecfg["min_fp32_dice"]),
+                                      dynamic_batch=bool(ecfg["dynamic_batch"]),
                                       onnxruntime_int8=bool(ecfg["onnxruntime_int8"]),
                                       overlap=float(self.cfg["evaluation"]["overlap"]),
                                       threads=int(self.cfg["run"]["threads"] or 2),

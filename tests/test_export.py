@@ -79,7 +79,9 @@ def test_int8_bound_is_not_enforced_below_the_fp32_dice_floor(phantom_dataset, t
 
     ckpt = _student(tmp_path / "student.pt", "unet_small", [32, 32, 32], phantom_dataset)
     bundle = build_bundle(ckpt, tmp_path / "bundle", calibration=phantom_dataset, int8=False, calibration_crops=2,
-                          validation_crops=0, onnxruntime_int8=False, log=lambda *_: None)
+                          validation_crops=0, onnxruntime_int8=False, dynamic_batch=False, log=lambda *_: None)
+    meta = load_bundle(bundle)  # export.dynamic_batch: false exports batch 1 once, with no dynamic-batch check
+    assert meta["batch"] == 1 and meta["input_shape"][0] == 1 and "not tried" in meta["parity"]["dynamic_batch_check"]
     model = ov.Core().read_model(str(bundle / "openvino" / "model_fp32.xml"))
     calibration = [crop for crop, _ in dataset_crops(phantom_dataset, SPEC, [32, 32, 32], 2, seed=0)]
     labelled = dataset_crops(phantom_dataset, SPEC, [32, 32, 32], 2, seed=1)

@@ -96,6 +96,12 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     # The demo's λ falls from its starting value to 0 over the run, and the report says so.
     assert report["lambda_schedule"] == "linear" and "falls linearly to 0 over the run" in text
     assert Path(report["curves"]).is_file() and report["curves"] in text
+    # The wall time names the machine it was measured on: CPU, the instruction sets the kernels could use, threads.
+    from deploy.machine import cpu_info
+
+    cpu = cpu_info()
+    assert report["machine"]["instruction_sets"] == cpu["flags"] and report["machine"]["isa_cap"] == cpu["isa_cap"]
+    assert f"s on {cpu['model']} ({', '.join(cpu['flags']) or 'no listed instruction sets'}" in text
 
     # Cached against online distillation on this run: both modes train, the figures are consistent.
     from distill.mode_cost import measure_modes
