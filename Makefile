@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo demo-full test test-fast venv clean
 
 # `make demo ISA=avx2`: the same flow with oneDNN (PyTorch's and OpenVINO's), ATen and MKL capped to AVX2 + FMA,
 # so an AVX-512 machine computes as an AVX2-only one (no AVX-512, no native bf16: amp bf16 falls back to float32).
@@ -27,6 +27,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) distill/run.py --config configs/demo.yaml
+
+demo-full: $(STAMP)
+	$(PY) distill/run.py --config configs/demo_full.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900
