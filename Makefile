@@ -10,10 +10,14 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 # `make demo ISA=avx2`: the same flow with oneDNN (PyTorch's and OpenVINO's), ATen and MKL capped to AVX2 + FMA,
 # so an AVX-512 machine computes as an AVX2-only one (no AVX-512, no native bf16: amp bf16 falls back to float32).
 # The report and benchmarks name the cap. It caps instruction sets, not clocks or caches.
+# It writes runs/demo_avx2 (runs/demo_full_avx2), so a capped run never reuses the stages of an uncapped one.
 ifeq ($(ISA),avx2)
 export ONEDNN_MAX_CPU_ISA := AVX2
 export ATEN_CPU_CAPABILITY := avx2
 export MKL_ENABLE_INSTRUCTIONS := AVX2
+DEMO_NAME = run.name=$(1)_avx2
+else ifneq ($(ISA),)
+$(error ISA=$(ISA): only ISA=avx2 is known)
 endif
 
 $(STAMP): pyproject.toml
@@ -26,10 +30,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) distill/run.py --config configs/demo.yaml
+	$(PY) distill/run.py --config configs/demo.yaml $(call DEMO_NAME,demo)
 
 demo-full: $(STAMP)
-	$(PY) distill/run.py --config configs/demo_full.yaml
+	$(PY) distill/run.py --config configs/demo_full.yaml $(call DEMO_NAME,demo_full)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900
