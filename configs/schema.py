@@ -127,7 +127,7 @@ class StudentConfig:
 class DistillConfig:
     lambda_kd: float = 0.5
     seed: int | None = None  # the students' seed (init, crops); None = run.seed
-    # constant: λ all along | linear: λ·(1 − step/steps), imitation first and the labels at the end (distill/loss.py)
+    # constant: λ all along | linear: from λ down to lambda_end_ratio·λ, imitation first and the labels at the end (distill/loss.py)
     lambda_schedule: str = "constant"
     lambda_end_ratio: float = 0.0  # linear: λ falls to this fraction of itself (0: to the labels alone)
     kd_target: str = "logits"  # logits | probs

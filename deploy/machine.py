@@ -68,12 +68,12 @@ def isa_cap() -> str | None:
     return value if value and value not in ("ALL", "DEFAULT") else None
 
 
-def _capped(flags: set[str], cap: str | None) -> set[str]:
+def _capped(flags: frozenset[str] | set[str], cap: str | None) -> set[str]:
     """The flags the kernels may use under ``cap``: no AVX-512 or AMX below AVX512_CORE, no bf16 below
     AVX512_CORE_BF16, no AVX-VNNI at AVX2 or below."""
-    if cap is None:
-        return flags
     out = set(flags)
+    if cap is None:
+        return out
     if cap in _BELOW_BF16:
         out -= {"avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
     if cap in _BELOW_AVX512:
@@ -93,7 +93,7 @@ def cpu_info() -> dict[str, Any]:
     model, flags = _proc_cpuinfo()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cap = isa_cap()
-    usable_flags = _capped(set(flags), cap)
+    usable_flags = _capped(flags, cap)
     return {"model": model, "flags": [f for f in ISA_FLAGS if f in usable_flags],
             "cpu_flags": [f for f in ISA_FLAGS if f in flags], "isa_cap": cap, "logical_cpus": os.cpu_count(),
             "usable_cpus": usable}

@@ -81,7 +81,7 @@ def build_report(
         # best_dice of a student is its best validation Dice: the figure that chose its checkpoint.
         # The students' own data (data.site), None when they learn from the corpus's training split.
         "site": data_info.get("site"),
-        # constant | linear: a KD student's λ is its starting value, falling to 0 over the run when linear.
+        # constant | linear: a KD student's λ is its starting value, falling over the run to lambda_end_ratio × λ when linear.
         "lambda_schedule": cfg["distill"]["lambda_schedule"],
         "lambda_end_ratio": float(cfg["distill"]["lambda_end_ratio"]),
         "teacher_training": teacher_training,

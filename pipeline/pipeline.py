@@ -460,8 +460,8 @@ class Pipeline:
         teacher_info = self.records["teacher"].info if "teacher" in self.records else {}
         if teacher_info.get("history"):
             series["teacher"] = teacher_info["history"]
+        dcfg = self.cfg["distill"]
         for s in students:
-            dcfg = self.cfg["distill"]
             end = s.lambda_kd * float(dcfg["lambda_end_ratio"])
             lam = f"{s.lambda_kd:g}" + (f" → {end:g}" if s.lambda_kd > 0 and dcfg["lambda_schedule"] == "linear" else "")
             series[f"{s.name} (λ={lam}, {s.labelled}+{s.unlabelled} cases)"] = s.history

@@ -17,15 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
-
-ATTENTION_KINDS = ("explicit", "fused")
-
-
-def _window_attention_class() -> type[nn.Module]:
-    from monai.networks.nets.swin_unetr import WindowAttention
-
-    return WindowAttention
 
 
 def fused_forward(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -56,36 +49,22 @@ def fused_forward(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None)
     return module.proj_drop(module.proj(out))
 
 
+class FusedWindowAttention(WindowAttention):
+    """MONAI's window attention, computed by one fused SDPA call (:func:`fused_forward`)."""
+
+    def forward(self, x, mask):  # noqa: D102 - see fused_forward
+        return fused_forward(self, x, mask)
+
+
 def use_fused_attention(model: nn.Module) -> int:
     """Switch every MONAI ``WindowAttention`` in ``model`` to ``FusedWindowAttention``, in place.
 
     Parameters and buffers stay where they are (only the class changes), so optimisers and state dicts are
     unaffected. Returns the number of modules switched.
     """
-    base = _window_attention_class()
-    fused = fused_class()
     switched = 0
     for module in model.modules():
-        if type(module) is base:
-            module.__class__ = fused
+        if type(module) is WindowAttention:
+            module.__class__ = FusedWindowAttention
             switched += 1
     return switched
-
-
-_FUSED: type[nn.Module] | None = None
-
-
-def fused_class() -> type[nn.Module]:
-    """``FusedWindowAttention``: MONAI's ``WindowAttention`` with :func:`fused_forward` as its forward."""
-    global _FUSED
-    if _FUSED is None:
-        base = _window_attention_class()
-
-        class FusedWindowAttention(base):  # type: ignore[misc, valid-type]
-            """MONAI's window attention, computed by one fused SDPA call (``student.swin_attention``)."""
-
-            def forward(self, x, mask):  # noqa: D102 - see fused_forward
-                return fused_forward(self, x, mask)
-
-        _FUSED = FusedWindowAttention
-    return _FUSED

@@ -2,7 +2,7 @@
 import torch
 
 from student import build_student
-from student.swin_attention import fused_class, use_fused_attention
+from student.swin_attention import FusedWindowAttention, use_fused_attention
 
 
 def test_fused_window_attention_matches_the_explicit_one_in_outputs_and_gradients():
@@ -14,8 +14,8 @@ def test_fused_window_attention_matches_the_explicit_one_in_outputs_and_gradient
     params = [id(p) for p in fused.parameters()]
     assert use_fused_attention(fused) == 8
     assert [id(p) for p in fused.parameters()] == params
-    assert sum(isinstance(m, fused_class()) for m in fused.modules()) == 8
-    assert sum(isinstance(m, fused_class()) for m in explicit.modules()) == 0
+    assert sum(isinstance(m, FusedWindowAttention) for m in fused.modules()) == 8
+    assert sum(isinstance(m, FusedWindowAttention) for m in explicit.modules()) == 0
     x = torch.randn(1, 1, 64, 64, 32)
     out_e, out_f = explicit(x), fused(x)
     assert out_e.abs().max() > 0.5  # a real output, not a degenerate one
