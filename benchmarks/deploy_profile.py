@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 STEPS = ("load", "reorient_resample", "body_crop", "intensity", "model_calls", "window_blend", "paste",
-         "resample_back", "save")
+         "postprocess", "resample_back", "save")
 
 
 class ProfileError(ValueError):
@@ -111,6 +111,8 @@ def _one_pass(segmenter: Any, in_path: Path, out_path: Path) -> tuple[dict[str, 
     if segmenter.crop:
         logits = paste_logits(logits, box, resampled.shape)
     lap("paste")
+    logits = segmenter.postprocess(logits)
+    lap("postprocess")
     if segmenter.resample_back == "labels":
         labels = labels_to_source(np.argmax(logits, axis=0).astype(label_dtype(segmenter.num_classes)),
                                   geometry)

@@ -29,6 +29,8 @@ class ModelEntry:
         preprocess: preprocessing spec; labels: ``{id: name}``; overlap: sliding-window overlap.
         crop_foreground: the body crop the volume workload applies (``model.json``'s, or the training
             preprocessing's for the teacher); None: none.
+        postprocess: the bundle's postprocessing (largest connected piece of some classes, deploy/postprocess.py),
+            applied by the volume workload's eager rows as deploy applies it; None: none.
         gflops: forward GFLOPs of one patch (counted when None and a torch source exists).
         param_mb: parameter bytes of the eager model in MB (its size column).
     """
@@ -45,6 +47,7 @@ class ModelEntry:
     labels: dict | None = None
     overlap: float = 0.25
     crop_foreground: dict | None = None
+    postprocess: dict | None = None
     gflops: float | None = None
     param_mb: float | None = None
 
@@ -99,6 +102,7 @@ def entry_from_bundle(bundle_dir: str | Path, name: str | None = None, torch_sou
         labels={int(k): v for k, v in (meta.get("labels") or {}).items()},
         overlap=float(meta.get("overlap", EvaluationConfig.overlap)),  # bundles written before it was recorded
         crop_foreground=meta.get("crop_foreground"),
+        postprocess=meta.get("postprocess"),
     )
 
 

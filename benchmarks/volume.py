@@ -66,6 +66,7 @@ def _torch_segmenter(entry: dict, precision: str, threads: int) -> SegmentFile:
         raise VolumeWorkloadError(f"{entry.get('name')}: no preprocessing spec for the volume workload")
     manifest = {"preprocess": spec, "roi_size": [int(s) for s in entry["roi_size"]],
                 "num_classes": int(entry["num_classes"]), "labels": entry.get("labels") or meta.get("labels") or {},
-                "overlap": float(entry.get("overlap", EvaluationConfig.overlap)), "crop_foreground": entry.get("crop_foreground")}
+                "overlap": float(entry.get("overlap", EvaluationConfig.overlap)), "crop_foreground": entry.get("crop_foreground"),
+                "postprocess": entry.get("postprocess")}
     predictor = load_predictor(entry, "pytorch", precision, threads, [1, 1, *manifest["roi_size"]])
     return Segmenter.with_predictor(manifest, predictor, source=str(entry.get("name"))).segment_file

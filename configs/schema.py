@@ -156,6 +156,9 @@ class DistillConfig:
     amp: bool | str = True
     log_every: int = 10
     baseline_lambda_zero: bool = True
+    # largest_component: keep only each organ's largest piece, for the classes whose validation Dice that raises
+    # (chosen per student after training, stored in student.pt and the bundle; deploy/postprocess.py) | none
+    postprocess: str = "largest_component"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from deploy.errors import BundleError, DeployError, ImplausibleInputError, Impla
 from deploy.geometry import labels_to_source, logits_to_source, to_model_grid
 from deploy.intensity import apply_intensity, check_intensity
 from deploy.plausibility import BODY_THRESHOLD_HU, Assessment, assess_ct
+from deploy.postprocess import PostprocessError, keep_largest_component, spec_classes
 from deploy.runtime import ModelSession
 from deploy.sliding_window import sliding_window_logits, window_count
 from deploy.volume_io import check_volume, label_dtype, read_volume, write_mask
@@ -26,7 +27,9 @@ class Segmenter:
     reorient to the bundle's axcodes, resample trilinearly to its spacing, crop to the body (if the bundle
     says so, as the training preprocessing does), clip and scale intensities,
     Gaussian-weighted sliding window at the bundle's ROI, logits resampled linearly back to the input's
-    grid, argmax, orientation undone.
+    grid, argmax, orientation undone. Where the bundle says so (``postprocess``, chosen on validation at
+    training), only the largest connected piece of some classes is kept, on the model grid before resampling
+    back (``deploy.postprocess``).
 
     Before any of that, every volume is judged (``deploy.plausibility``: HU, a body, enough extent for the
     ROI, orientation): one that does not look like the CT the model was trained for raises
@@ -110,6 +113,10 @@ class Segmenter:
         self.last_windows: int | None = None  # sliding-window positions of the last volume
         self.num_classes = self.bundle["num_classes"]
         self.labels = self.bundle["labels"]
+        try:
+            self.clean_classes = spec_classes(self.bundle.get("postprocess"), self.num_classes, str(manifest))
+        except PostprocessError as exc:
+            raise BundleError(str(exc)) from exc
         crop = self.bundle.get("crop_foreground")
         try:
             self.crop = None if crop is None else (float(crop["threshold_hu"]), int(crop["margin"]))
@@ -186,9 +193,14 @@ class Segmenter:
         return self._to_source(logits, geometry).astype(label_dtype(self.num_classes))
 
     def _to_source(self, logits: np.ndarray, geometry) -> np.ndarray:
+        logits = self.postprocess(logits)
         if self.resample_back == "labels":
             return labels_to_source(np.argmax(logits, axis=0).astype(label_dtype(self.num_classes)), geometry)
         return logits_to_source(logits, geometry)
+
+    def postprocess(self, logits: np.ndarray) -> np.ndarray:
+        """Model-grid logits with the bundle's postprocessing applied (unchanged when it has none)."""
+        return keep_largest_component(logits, self.clean_classes) if self.clean_classes else logits
 
     def segment_file(self, in_path: str | Path, out_path: str | Path, overlay: str | Path | None = None,
                      force: bool = False) -> np.ndarray:

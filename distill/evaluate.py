@@ -58,6 +58,7 @@ def evaluate_models(
     """
     from data.transforms import load_transforms
     from evaluation.metrics import case_metrics, summarize
+    from deploy.postprocess import keep_largest_component, spec_classes
     from evaluation.sliding_window import predict_logits
 
     out_dir = Path(out_dir)
@@ -78,11 +79,16 @@ def evaluate_models(
     for name, spec in models.items():
         model, meta = load_model(str(spec["kind"]), spec["checkpoint"], device)
         roi = [int(s) for s in meta.get("roi_size") or cfg["teacher"]["roi_size"]]
+        # A student's own postprocessing, chosen on validation (distill.train.choose_postprocess), as deploy applies it.
+        clean = spec_classes(meta.get("postprocess"), data.num_classes, str(spec["checkpoint"]))
         start = time.perf_counter()
         rows = []
         for case_id, case in cases:
             logits = predict_logits(model, torch.as_tensor(case["image"]), roi, data.num_classes, overlap=overlap, device=device)
-            pred = torch.as_tensor(logits).argmax(0).cpu().numpy().astype(np.int16)
+            logits = torch.as_tensor(logits).cpu().numpy()
+            if clean:
+                logits = keep_largest_component(logits, clean)
+            pred = logits.argmax(0).astype(np.int16)
             label = torch.as_tensor(case["label"])[0].cpu().numpy().astype(np.int16)
             for row in case_metrics(pred, label, spacing, data.labels, nsd_tolerance_mm=tolerance):
                 rows.append({"model": name, "case": case_id, **row})
@@ -95,6 +101,7 @@ def evaluate_models(
             "params": int(sum(p.numel() for p in model.parameters())),
             "file_mb": round(Path(spec["checkpoint"]).stat().st_size / 2**20, 2),
             "roi_size": roi,
+            "postprocess": {"largest_component": clean},
             "seconds": round(seconds, 2),
             "split": split,
             "case_ids": [case_id for case_id, _ in cases],

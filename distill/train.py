@@ -16,7 +16,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from training.distributed import resolve_device
 from training.batches import crop_batches, preload
 
 MODES = ("cached", "online")
+POSTPROCESS_KINDS = ("largest_component", "none")
 
 
 class DistillConfigError(ValueError):
@@ -210,6 +211,8 @@ def train_student(
     lambda_schedule = str(dcfg["lambda_schedule"])
     end_ratio = float(dcfg["lambda_end_ratio"])
     lambda_at(lambda_kd, 0, 1, lambda_schedule, end_ratio)  # a bad schedule name or ratio fails here, before any step
+    if str(dcfg["postprocess"]) not in POSTPROCESS_KINDS:
+        raise DistillConfigError(f"distill.postprocess must be one of {POSTPROCESS_KINDS}, got {dcfg['postprocess']!r}")
 
     def on_step(step: int) -> None:
         kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule, end_ratio)
@@ -258,7 +261,13 @@ def train_student(
         best = load_checkpoint(result.best_path)
         model_cpu = build_student(student_name, num_classes, options=options)
         model_cpu.load_state_dict(best["model"])
-        save_student(student_ckpt, model_cpu, {**meta, "step": int(result.best_step), "best_dice": float(result.best_metric)})
+        postprocess = choose_postprocess(model_cpu.to(device), val_cases, roi_size, num_classes, overlap,
+                                         str(dcfg["postprocess"]), device)
+        model_cpu.cpu()
+        if progress and postprocess:
+            print(f"[student] {student_name} λ={lambda_kd}: {_postprocess_line(postprocess, data.labels)}")
+        save_student(student_ckpt, model_cpu, {**meta, "step": int(result.best_step), "best_dice": float(result.best_metric),
+                                               "postprocess": postprocess})
     return StudentResult(
         name=student_name,
         lambda_kd=lambda_kd,
@@ -274,6 +283,36 @@ def train_student(
         labelled=len(labelled),
         unlabelled=len(unlabelled),
     )
+
+
+def choose_postprocess(model: torch.nn.Module, val_cases: Sequence[Mapping[str, Any]], roi_size: Sequence[int],
+                       num_classes: int, overlap: float, kind: str, device: torch.device | str = "cpu") -> dict | None:
+    """The student's postprocessing, chosen on the validation cases (``deploy.postprocess``): the classes whose
+    mean validation Dice rises when only their largest connected piece is kept. None for ``distill.postprocess:
+    none`` or without validation cases."""
+    if kind not in POSTPROCESS_KINDS:
+        raise DistillConfigError(f"distill.postprocess must be one of {POSTPROCESS_KINDS}, got {kind!r}")
+    if kind == "none" or not val_cases:
+        return None
+    from deploy.postprocess import choose_largest_component
+    from evaluation.sliding_window import predict_logits
+    from evaluation.validation import as_plain_tensor
+
+    logits, refs = [], []
+    for case in val_cases:
+        logits.append(np.asarray(predict_logits(model, as_plain_tensor(case["image"]), roi_size, num_classes,
+                                                overlap=overlap, device=device)))
+        refs.append(as_plain_tensor(case["label"])[0].numpy())
+    return choose_largest_component(logits, refs, num_classes)
+
+
+def _postprocess_line(postprocess: Mapping[str, Any], labels: Mapping[Any, str]) -> str:
+    names = {int(k): str(v) for k, v in labels.items()}
+    val = postprocess["validation"]
+    chosen = [f"{names.get(k, k)} {val[str(k)]['raw']:.3f} -> {val[str(k)]['cleaned']:.3f}"
+              for k in postprocess["largest_component"]]
+    return (f"largest connected piece kept for {', '.join(chosen)} (validation Dice, {postprocess['cases']} cases)"
+            if chosen else f"no class gains from keeping its largest piece (validation, {postprocess['cases']} cases)")
 
 
 def budget_free(dcfg: Mapping[str, Any]) -> bool:

@@ -245,6 +245,8 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
             "roi_size": roi,
             "overlap": float(overlap),
             "crop_foreground": body_crop_spec(),
+            # Classes whose largest connected piece alone is kept, chosen on validation (deploy/postprocess.py).
+            "postprocess": meta.get("postprocess"),
             "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME,
             "input_shape": ["batch" if batch == "dynamic" else batch, in_channels, *roi],

@@ -51,6 +51,9 @@ VARIANTS: dict[str, tuple[float, dict[str, Any]]] = {
                              "lambda_schedule": "linear"}),
     "kd_l1_linear": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
                            "lambda_schedule": "linear"}),
+    # The demo's loss with the teacher's argmax as the label of unlabelled cases (validation 0.718 against 0.720).
+    "kd_l1_linear_pseudo": (1.0, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
+                                  "lambda_schedule": "linear"}),
     # The same losses under a cosine decay to 0 at the run's last step (the demo's students use a constant rate).
     "lambda0_cosine": (0.0, {"schedule": "cosine"}),
     "kd_half_cosine": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,

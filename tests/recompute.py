@@ -4,9 +4,11 @@ import numpy as np
 import torch
 
 
-def recomputed_scores(model, roi_size, data, items):
+def recomputed_scores(model, roi_size, data, items, clean=()):
     """Dice of ``model`` on ``items`` (prepared cases), recomputed with evaluation/ (sliding window, ``case_metrics``,
-    ``summarize``), not with the training loop's ``validation_dice`` or the evaluation stage."""
+    ``summarize``), not with the training loop's ``validation_dice`` or the evaluation stage. ``clean``: classes whose
+    largest 26-connected piece alone is kept (scipy's labelling, not deploy.postprocess); the voxels of the other
+    pieces take their next most likely class."""
     from data.transforms import load_transforms
     from evaluation.metrics import case_metrics, summarize
     from evaluation.sliding_window import predict_logits
@@ -15,10 +17,29 @@ def recomputed_scores(model, roi_size, data, items):
     for item in items:
         case = load(dict(item))
         logits = predict_logits(model, torch.as_tensor(case["image"]), roi_size, data.num_classes, overlap=0.25)
-        pred = torch.as_tensor(logits).argmax(0).numpy()
+        logits = torch.as_tensor(logits).numpy()
+        pred = logits.argmax(0)
+        for k in clean:
+            pred = largest_piece_only(pred, logits, k)
         rows += [{**r, "case": item["case_id"]} for r in
                  case_metrics(pred, np.asarray(case["label"])[0], data.preprocess["spacing_mm"], data.labels)]
     return summarize(rows)
+
+
+def largest_piece_only(pred, logits, k):
+    """``pred`` with every 26-connected piece of class k but the largest given its next most likely class."""
+    from scipy import ndimage
+
+    pieces, count = ndimage.label(pred == k, structure=np.ones((3, 3, 3)))
+    if count < 2:
+        return pred
+    sizes = ndimage.sum(np.ones_like(pieces), pieces, index=np.arange(1, count + 1))
+    drop = (pieces > 0) & (pieces != 1 + int(np.argmax(sizes)))
+    others = logits.copy()
+    others[k] = -np.inf
+    out = pred.copy()
+    out[drop] = others[:, drop].argmax(0)
+    return out
 
 
 def replayed_clicks(model, case, labels, spacing, roi_size, mode, n_clicks, nsd_tolerance_mm):
