@@ -73,6 +73,7 @@ def evaluate_models(
         log(f"[evaluation] no test split (data.test_fraction is 0): scoring the {len(items)} validation cases, which "
             f"chose the checkpoints; these figures are optimistic")
     cases = [(c["case_id"], load(dict(c))) for c in items]
+    names = {int(k): str(v) for k, v in data.labels.items()}
 
     results: dict[str, dict] = {}
     all_rows = []
@@ -101,7 +102,7 @@ def evaluate_models(
             "params": int(sum(p.numel() for p in model.parameters())),
             "file_mb": round(Path(spec["checkpoint"]).stat().st_size / 2**20, 2),
             "roi_size": roi,
-            "postprocess": {"largest_component": clean},
+            "postprocess": {"largest_component": clean, "names": [names.get(c, str(c)) for c in clean]},
             "seconds": round(seconds, 2),
             "split": split,
             "case_ids": [case_id for case_id, _ in cases],

@@ -52,6 +52,8 @@ def build_report(
             "per_class_dice": {c: v["dice"] for c, v in m["summary"]["per_class"].items()},
             "cases": m["summary"]["cases"],
             "split": m.get("split", "val"),
+            # the classes whose largest connected piece alone is kept (chosen on validation), by name
+            "postprocess": (m.get("postprocess") or {}).get("names", []),
         }
         for name, m in evaluation.items()
     }
@@ -140,6 +142,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         for name, m in models.items():
             lam = "–" if m["lambda_kd"] is None else f"{m['lambda_kd']:g}"
             lines.append(f"| {name} | {lam} | {m['params'] / 1e6:.2f} M | {m['file_mb']:.1f} |")
+        cleaned = {name: m["postprocess"] for name, m in models.items() if m.get("postprocess")}
+        if cleaned:
+            lines += ["", "Postprocessing, chosen on the validation split (deploy/postprocess.py): only the largest "
+                      "connected piece is kept of " + "; ".join(f"{name}: {', '.join(ids)}" for name, ids in cleaned.items())
+                      + ". The test Dice above is after it, as deploy segments."]
     if report["students"]:
         val_cases = splits.get("val")
         val_note = f" ({val_cases} validation cases, chose the checkpoint)" if val_cases else " (chose the checkpoint)"

@@ -96,6 +96,10 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     learnt = {(s["lambda_kd"] > 0): (s["labelled"], s["unlabelled"]) for s in report["students"]}
     assert learnt == {True: (1, 2), False: (1, 0)}
     assert all(s["train_minutes"] == pytest.approx(s["wall_seconds"] / 60, abs=0.01) for s in report["students"])
+    # Each student's postprocessing (chosen on validation) is named under its test Dice; the teacher has none.
+    assert report["models"]["teacher"]["postprocess"] == []
+    for name, model in report["models"].items():
+        assert (f"{name}: {', '.join(model['postprocess'])}" in text) == bool(model["postprocess"]), name
     assert "| unet_small | 1 | 1 + 2 | 2 |" in text and "Students' own data (data.site, phantoms): 1 labelled + 2" in text
     # The demo's λ falls from its starting value to 0 over the run, and the report says so.
     assert report["lambda_schedule"] == "linear" and "falls linearly to 0 over the run" in text
