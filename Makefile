@@ -36,7 +36,7 @@ demo-full: $(STAMP)
 	$(PY) distill/run.py --config configs/demo_full.yaml $(call DEMO_NAME,demo_full)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout=600
