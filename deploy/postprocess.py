@@ -86,6 +86,8 @@ def _min_with_neighbours(a: np.ndarray, axis: int) -> np.ndarray:
 def keep_largest_component(logits: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """``K x X x Y x Z`` logits in which every piece of each class in ``classes`` but its largest loses its
     class: there the class's logit is set below the voxel's lowest, so the argmax moves to the next class.
+    The pieces are those of the raw argmax for every class; a voxel moved into another class by this does not
+    join that class's pieces, so the result does not depend on the order of ``classes``.
 
     Returns a new array when anything changes (the input is never modified), else the input itself.
     """

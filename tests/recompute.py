@@ -18,26 +18,30 @@ def recomputed_scores(model, roi_size, data, items, clean=()):
         case = load(dict(item))
         logits = predict_logits(model, torch.as_tensor(case["image"]), roi_size, data.num_classes, overlap=0.25)
         logits = torch.as_tensor(logits).numpy()
-        pred = logits.argmax(0)
+        raw = logits.argmax(0)
+        pred = raw
         for k in clean:
-            pred = largest_piece_only(pred, logits, k)
+            pred = largest_piece_only(raw, logits, k, out=pred)
         rows += [{**r, "case": item["case_id"]} for r in
                  case_metrics(pred, np.asarray(case["label"])[0], data.preprocess["spacing_mm"], data.labels)]
     return summarize(rows)
 
 
-def largest_piece_only(pred, logits, k):
-    """``pred`` with every 26-connected piece of class k but the largest given its next most likely class."""
+def largest_piece_only(pred, logits, k, out=None):
+    """``out`` (default ``pred``) with every 26-connected piece of class k in ``pred`` but the largest given its next
+    most likely class. The pieces are those of ``pred``, the raw argmax, whatever other classes cleaned before moved
+    (as deploy.postprocess does: each voxel has one raw class, so the order of the classes does not matter)."""
     from scipy import ndimage
 
+    out = pred if out is None else out
     pieces, count = ndimage.label(pred == k, structure=np.ones((3, 3, 3)))
     if count < 2:
-        return pred
+        return out
     sizes = ndimage.sum(np.ones_like(pieces), pieces, index=np.arange(1, count + 1))
     drop = (pieces > 0) & (pieces != 1 + int(np.argmax(sizes)))
     others = logits.copy()
     others[k] = -np.inf
-    out = pred.copy()
+    out = out.copy()
     out[drop] = others[:, drop].argmax(0)
     return out
 
