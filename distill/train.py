@@ -211,8 +211,7 @@ def train_student(
     lambda_schedule = str(dcfg["lambda_schedule"])
     end_ratio = float(dcfg["lambda_end_ratio"])
     lambda_at(lambda_kd, 0, 1, lambda_schedule, end_ratio)  # a bad schedule name or ratio fails here, before any step
-    if str(dcfg["postprocess"]) not in POSTPROCESS_KINDS:
-        raise DistillConfigError(f"distill.postprocess must be one of {POSTPROCESS_KINDS}, got {dcfg['postprocess']!r}")
+    check_postprocess_kind(str(dcfg["postprocess"]))  # before any step, not after training
 
     def on_step(step: int) -> None:
         kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule, end_ratio)
@@ -285,13 +284,18 @@ def train_student(
     )
 
 
+def check_postprocess_kind(kind: str) -> None:
+    """Refuse a ``distill.postprocess`` value that is not one of ``POSTPROCESS_KINDS``."""
+    if kind not in POSTPROCESS_KINDS:
+        raise DistillConfigError(f"distill.postprocess must be one of {POSTPROCESS_KINDS}, got {kind!r}")
+
+
 def choose_postprocess(model: torch.nn.Module, val_cases: Sequence[Mapping[str, Any]], roi_size: Sequence[int],
                        num_classes: int, overlap: float, kind: str, device: torch.device | str = "cpu") -> dict | None:
     """The student's postprocessing, chosen on the validation cases (``deploy.postprocess``): the classes whose
     mean validation Dice rises when only their largest connected piece is kept. None for ``distill.postprocess:
     none`` or without validation cases."""
-    if kind not in POSTPROCESS_KINDS:
-        raise DistillConfigError(f"distill.postprocess must be one of {POSTPROCESS_KINDS}, got {kind!r}")
+    check_postprocess_kind(kind)
     if kind == "none" or not val_cases:
         return None
     from deploy.postprocess import choose_largest_component

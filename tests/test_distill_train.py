@@ -99,6 +99,11 @@ def test_lambda_zero_needs_no_teacher_and_kd_needs_its_targets(setup, tmp_path):
     with pytest.raises(DistillConfigError, match="distill.mode"):
         train_student({**cfg, "distill": {**cfg["distill"], "mode": "sometimes"}}, run_dir, "swinunetr_tiny", 0.5,
                       out_dir=tmp_path / "kd", progress=False)
+    # A bad postprocessing name is refused before the first step: no out_dir is written.
+    with pytest.raises(DistillConfigError, match="distill.postprocess"):
+        train_student({**cfg, "distill": {**cfg["distill"], "postprocess": "biggest"}}, run_dir, "swinunetr_tiny",
+                      0.0, out_dir=tmp_path / "pp", progress=False)
+    assert not (tmp_path / "pp" / "last.pt").exists()
     with pytest.raises(ValueError, match="multiples of 32"):
         train_student({**cfg, "student": {**cfg["student"], "roi_size": [48, 32, 32]}}, run_dir, "swinunetr_tiny",
                       0.0, out_dir=tmp_path / "roi", progress=False)
