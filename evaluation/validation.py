@@ -11,7 +11,7 @@ import torch
 
 
 def validation_dice(model: Callable, cases: Sequence[Mapping[str, Any]], roi_size: Sequence[int], num_classes: int,
-                    overlap: float, device: torch.device) -> dict[str, float]:
+                    overlap: float, device: torch.device, clean_classes: Sequence[int] = ()) -> dict[str, float]:
     """Mean foreground Dice of whole-volume sliding-window predictions on preprocessed cases.
 
     Classes absent from a case's reference are left out of that case's mean (NaN), as in evaluation/.
@@ -23,6 +23,8 @@ def validation_dice(model: Callable, cases: Sequence[Mapping[str, Any]], roi_siz
         num_classes: K.
         overlap: sliding-window overlap.
         device: where the model runs.
+        clean_classes: classes of which only the largest connected piece is kept before scoring (a student's
+            ``postprocess``, deploy/postprocess.py); none by default.
 
     Returns:
         ``{"dice": mean over cases, "dice_<class id>": per class}``.
@@ -35,6 +37,10 @@ def validation_dice(model: Callable, cases: Sequence[Mapping[str, Any]], roi_siz
     per_case = []
     for case in cases:
         logits = predict_logits(model, as_plain_tensor(case["image"]), roi_size, num_classes, overlap=overlap, device=device)
+        if clean_classes:
+            from deploy.postprocess import keep_largest_component
+
+            logits = keep_largest_component(torch.as_tensor(logits).cpu().numpy(), clean_classes)
         pred = torch.as_tensor(logits).argmax(0, keepdim=True)[None].cpu()
         ref = as_plain_tensor(case["label"]).long()[None].cpu()
         dice = compute_dice(one_hot(pred, num_classes), one_hot(ref, num_classes), include_background=False, ignore_empty=True)

@@ -1,14 +1,18 @@
-"""Dice of a phantom-trained teacher on freshly generated phantoms that no stage has seen.
+"""Dice of phantom-trained models (a teacher, and the students it taught) on freshly generated phantoms no stage saw.
 
-The demo validates on few phantoms (4 at the default config), so its held-out Dice moves by about ±0.02 with
+The demo validates on few phantoms (5 at the default config), so its held-out Dice moves by about ±0.02 with
 the draw of those cases. This writes ``--cases`` new phantoms from another dataset seed (same generator, same
-size as the run's ``data`` section) and scores the teacher on all of them with the validation of training
-(whole-volume sliding windows, mean foreground Dice, evaluation/validation.py)::
+size as the run's ``data`` section) and scores every model on all of them with the validation of training
+(whole-volume sliding windows, mean foreground Dice, evaluation/validation.py); a student is scored after its own
+postprocessing (``postprocess`` in student.pt, chosen on validation), as evaluation and deploy apply it::
 
     python -m teacher.generalization --teacher runs/demo/teacher/teacher.pt --cases 20 --seed 777
+    python -m teacher.generalization --teacher T --student runs/demo/students/swinunetr_tiny/student.pt --student S2
 
-Phantom case ``i`` of dataset seed ``s`` is drawn from ``(s, split, i)`` alone (data.phantom_dataset.case_rng), so the
-run's own seed would regenerate its training cases: that seed is refused.
+Two runs whose validation or test splits differ (another corpus size draws other cases) can be compared on such a
+set: it is a selection set, not a test split. Phantom case ``i`` of dataset seed ``s`` is drawn from
+``(s, split, i)`` alone (data.phantom_dataset.case_rng), so the run's own seed would regenerate its training cases,
+and the site's seed its students' cases: both are refused.
 """
 from __future__ import annotations
 
@@ -32,19 +36,21 @@ class GeneralizationError(ValueError):
 
 def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: int, seed: int,
                        phantom_dir: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Generate ``cases`` phantoms with dataset seed ``seed`` in ``phantom_dir`` and score the teacher on them.
+    """Generate ``cases`` phantoms with dataset seed ``seed`` in ``phantom_dir`` and score the model on them.
 
     Args:
-        model: a loaded teacher (``teacher.checkpoint.load_teacher``).
-        meta: its metadata (``config``, ``preprocess``, ``labels``, ``roi_size``, ``num_classes``).
+        model: a loaded teacher (``teacher.checkpoint.load_teacher``) or student (``student.load_student``).
+        meta: its metadata (``config``, ``preprocess``, ``labels``, ``roi_size``; ``num_classes`` or one per label;
+            a student's ``postprocess``: its classes keep only their largest connected piece before scoring).
         cases: number of fresh phantoms (>= 1).
-        seed: their dataset seed; must differ from the run's ``run.seed``.
+        seed: their dataset seed; must differ from the run's ``run.seed`` and its phantom site's ``phantom_seed``.
         phantom_dir: where the phantoms are written (reused when it already holds this seed's cases).
         device: where the teacher runs.
         progress: print a line per case.
 
     Returns:
-        ``{"dice": mean over classes, "per_class": {name: Dice}, "per_case": [mean per case], "cases", "seed"}``.
+        ``{"dice": mean over classes, "per_class": {name: Dice}, "per_case": [mean per case], "cases", "seed",
+        "postprocess": [classes cleaned]}``.
     """
     from data.atomic import atomic_path
     from data.phantom_dataset import write_dataset
@@ -60,11 +66,18 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     run_seed = int((cfg.get("run") or {}).get("seed", RunConfig.seed))
     if int(seed) == run_seed:
         raise GeneralizationError(f"--seed {seed} is the run's own data seed: its phantoms are the training cases")
+    site = dcfg.get("site") or {}
+    if str(site.get("source")) == "phantoms" and site.get("phantom_seed") is not None and int(seed) == int(site["phantom_seed"]):
+        raise GeneralizationError(f"--seed {seed} is the site's phantom seed (data.site.phantom_seed): its phantoms are "
+                                  "the students' training cases")
     if int(cases) < 1:
         raise GeneralizationError(f"--cases must be >= 1, got {cases}")
     size = tuple(int(s) for s in dcfg.get("phantom_size") or defaults(DataConfig)["phantom_size"])
     labels = {int(k): str(v) for k, v in meta["labels"].items()}
     num_classes = int(meta.get("num_classes", len(labels)))
+    from deploy.postprocess import spec_classes
+
+    clean = spec_classes(meta.get("postprocess"), num_classes)
 
     root = Path(phantom_dir)
     manifest = root / "generalization.json"
@@ -83,7 +96,7 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     per_case, per_class_rows = [], []
     for i, item in enumerate(items):
         case = preload([item], load_transforms(meta["preprocess"], keys=("image", "label")))
-        scores = validation_dice(model, case, meta["roi_size"], num_classes, overlap, device)
+        scores = validation_dice(model, case, meta["roi_size"], num_classes, overlap, device, clean_classes=clean)
         per_case.append(scores["dice"])
         per_class_rows.append([scores[f"dice_{c}"] for c in range(1, num_classes)])
         if progress:
@@ -95,43 +108,55 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
         "per_case": [float(d) for d in per_case],
         "cases": len(items),
         "seed": int(seed),
+        "postprocess": clean,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command line: print the table and optionally write it as JSON."""
+    """Command line: print each model's line and optionally write ``{"seed", "cases", "models": {path: result}}``."""
     from data.atomic import atomic_path
+    from student import load_student
     from teacher.checkpoint import load_teacher
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="teacher.pt trained on phantoms")
+    parser.add_argument("--teacher", action="append", default=[], help="teacher.pt trained on phantoms (repeatable)")
+    parser.add_argument("--student", action="append", default=[], help="student.pt distilled on phantoms (repeatable)")
     parser.add_argument("--cases", type=int, default=20, help="fresh phantoms to score (default 20)")
     parser.add_argument("--seed", type=int, default=777, help="their dataset seed, not the run's (default 777)")
     parser.add_argument("--phantom-dir", default=None, help="keep the phantoms here (default: a temporary folder)")
-    parser.add_argument("--output", default=None, help="write the result as JSON here")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not Path(args.teacher).is_file():
-        raise SystemExit(f"--teacher {args.teacher}: no such file")
-    model, meta = load_teacher(args.teacher, device=args.device)
-    started = time.perf_counter()
+    models = [("teacher", p) for p in args.teacher] + [("student", p) for p in args.student]
+    if not models:
+        raise SystemExit("teacher.generalization: give at least one --teacher or --student")
+    for kind, path in models:
+        if not Path(path).is_file():
+            raise SystemExit(f"--{kind} {path}: no such file")
+    results = {}
     with tempfile.TemporaryDirectory(prefix="phantoms-") as tmp:
-        try:
-            result = fresh_phantom_dice(model, meta, args.cases, args.seed, args.phantom_dir or tmp, args.device)
-        except GeneralizationError as exc:
-            raise SystemExit(f"teacher.generalization: {exc}") from exc
-    result["teacher"] = str(Path(args.teacher).resolve())
-    spread = float(np.std(result["per_case"])) if result["per_case"] else math.nan
-    print(f"[generalization] {args.teacher}: mean foreground Dice {result['dice']:.4f} on {result['cases']} fresh "
-          f"phantoms (seed {args.seed}; per-case std {spread:.3f}), {time.perf_counter() - started:.0f} s")
-    print("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class"].items()))
+        for kind, path in models:
+            model, meta = (load_teacher if kind == "teacher" else load_student)(path, device=args.device)
+            started = time.perf_counter()
+            try:
+                result = fresh_phantom_dice(model, meta, args.cases, args.seed, args.phantom_dir or tmp, args.device)
+            except GeneralizationError as exc:
+                raise SystemExit(f"teacher.generalization: {path}: {exc}") from exc
+            result["kind"] = kind
+            results[str(Path(path).resolve())] = result
+            spread = float(np.std(result["per_case"])) if result["per_case"] else math.nan
+            cleaned = f", largest piece kept for classes {result['postprocess']}" if result["postprocess"] else ""
+            print(f"[generalization] {kind} {path}: mean foreground Dice {result['dice']:.4f} on {result['cases']} fresh "
+                  f"phantoms (seed {args.seed}; per-case std {spread:.3f}{cleaned}), {time.perf_counter() - started:.0f} s")
+            print("  " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class"].items()))
+    out = {"seed": int(args.seed), "cases": int(args.cases), "models": results}
     if args.output:
         with atomic_path(args.output, suffix=".json") as tmp_path:
-            Path(tmp_path).write_text(json.dumps(result, indent=2))
-    return result
+            Path(tmp_path).write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

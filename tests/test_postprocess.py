@@ -116,3 +116,50 @@ def test_segmenter_applies_the_bundles_postprocess_on_the_model_grid():
     assert (cleaned[raw != 1] == raw[raw != 1]).all() and (cleaned == 1).sum() == (raw == 1).sum() - 8
     with pytest.raises(BundleError, match="not foreground classes"):
         Segmenter.with_predictor({**MANIFEST, "postprocess": {"largest_component": [7]}}, blob_predictor)
+
+
+def test_fresh_phantoms_score_a_student_after_its_own_postprocessing(tmp_path):
+    """teacher.generalization scores a student.pt on fresh phantoms with the classes its ``postprocess`` names cleaned,
+    as scipy's pieces give them (tests/recompute.py), and refuses the seeds of the run's and the site's phantoms."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from data.phantom_dataset import write_dataset
+    from student import build_student, load_student, save_student
+    from teacher.generalization import GeneralizationError, fresh_phantom_dice, main
+    from tests.recompute import recomputed_scores
+
+    torch.manual_seed(0)
+    spec = {"spacing_mm": [6.0, 6.0, 6.0], "orientation": "RAS",
+            "intensity": {"mode": "scale", "hu_min": -175.0, "hu_max": 250.0, "mean": None, "std": None}}
+    labels = {0: "background", 1: "liver", 2: "spleen", 3: "right_kidney", 4: "left_kidney", 5: "pancreas",
+              6: "stomach", 7: "aorta"}
+    config = {"run": {"seed": 0}, "data": {"source": "phantoms", "phantom_size": [64, 64, 32],
+                                           "site": {"source": "phantoms", "phantom_seed": 1000}}}
+    meta = {"arch": {"name": "unet_small", "num_classes": 8, "in_channels": 1}, "roi_size": [32, 32, 32],
+            "preprocess": spec, "labels": labels, "config": config,
+            "postprocess": {"largest_component": [1, 2, 5], "validation": {}, "cases": 1}}
+    ckpt = save_student(tmp_path / "student.pt", build_student("unet_small", 8), meta)
+    model, meta = load_student(ckpt)
+
+    for seed, match in ((0, "run's own data seed"), (1000, "site's phantom seed")):
+        with pytest.raises(GeneralizationError, match=match):
+            fresh_phantom_dice(model, meta, 1, seed=seed, phantom_dir=tmp_path / "p", progress=False)
+    out = main(["--student", str(ckpt), "--cases", "2", "--seed", "5", "--phantom-dir", str(tmp_path / "p"),
+                "--output", str(tmp_path / "fresh.json")])
+    got = out["models"][str(ckpt.resolve())]
+    assert got["kind"] == "student" and got["postprocess"] == [1, 2, 5] and got["cases"] == 2
+    assert json.loads((tmp_path / "fresh.json").read_text())["models"][str(ckpt.resolve())]["dice"] == got["dice"]
+
+    root = write_dataset(tmp_path / "q", cases=2, seed=5, size=(64, 64, 32))
+    items = [{"case_id": p.name.split(".")[0], "image": str(p), "label": str(root / "labelsTr" / p.name)}
+             for p in sorted((root / "imagesTr").glob("*.nii.gz"))]
+    data = SimpleNamespace(preprocess=spec, num_classes=8, labels=labels)
+    cleaned = recomputed_scores(model, [32, 32, 32], data, items, clean=[1, 2, 5])
+    raw = recomputed_scores(model, [32, 32, 32], data, items)
+    assert got["dice"] == pytest.approx(cleaned["mean"]["dice"], abs=1e-6)
+    assert abs(cleaned["mean"]["dice"] - raw["mean"]["dice"]) > 1e-4  # the cleaning changed something
+    with pytest.raises(SystemExit, match="at least one"):
+        main(["--cases", "1"])
