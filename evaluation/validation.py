@@ -32,14 +32,13 @@ def validation_dice(model: Callable, cases: Sequence[Mapping[str, Any]], roi_siz
     from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
+    from deploy.postprocess import keep_largest_component
     from evaluation.sliding_window import predict_logits
 
     per_case = []
     for case in cases:
         logits = predict_logits(model, as_plain_tensor(case["image"]), roi_size, num_classes, overlap=overlap, device=device)
         if clean_classes:
-            from deploy.postprocess import keep_largest_component
-
             logits = keep_largest_component(torch.as_tensor(logits).cpu().numpy(), clean_classes)
         pred = torch.as_tensor(logits).argmax(0, keepdim=True)[None].cpu()
         ref = as_plain_tensor(case["label"]).long()[None].cpu()

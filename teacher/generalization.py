@@ -54,6 +54,7 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     """
     from data.atomic import atomic_path
     from data.phantom_dataset import write_dataset
+    from deploy.postprocess import spec_classes
     from evaluation.validation import validation_dice
     from data.transforms import load_transforms
     from training.batches import preload
@@ -75,8 +76,6 @@ def fresh_phantom_dice(model: torch.nn.Module, meta: Mapping[str, Any], cases: i
     size = tuple(int(s) for s in dcfg.get("phantom_size") or defaults(DataConfig)["phantom_size"])
     labels = {int(k): str(v) for k, v in meta["labels"].items()}
     num_classes = int(meta.get("num_classes", len(labels)))
-    from deploy.postprocess import spec_classes
-
     clean = spec_classes(meta.get("postprocess"), num_classes)
 
     root = Path(phantom_dir)

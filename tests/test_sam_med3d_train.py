@@ -8,6 +8,7 @@ import torch
 
 from configs import load_config
 from data.prepare import prepare_data
+from deploy.postprocess import spec_classes
 from teacher.checkpoint import load_teacher
 from teacher.train import TeacherTrainError, train_teacher
 from tests.recompute import recomputed_scores, replayed_clicks
@@ -216,7 +217,7 @@ def test_pipeline_trains_the_sam_med3d_teacher_caches_its_native_logits_and_dist
     for name, entry in report["models"].items():
         model, meta = (load_teacher if entry["kind"] == "teacher" else load_student)(entry["checkpoint"])
         # A student's test figure is after its own postprocessing (chosen on validation), as deploy segments.
-        clean = (meta.get("postprocess") or {}).get("largest_component", [])
+        clean = spec_classes(meta.get("postprocess"), prepared.num_classes, entry["checkpoint"])
         scored = recomputed_scores(model, meta["roi_size"], prepared, prepared.scoring_split()[1], clean)
         assert entry["mean"]["dice"] == pytest.approx(scored["mean"]["dice"], abs=1e-6), name
         validated = recomputed_scores(model, meta["roi_size"], prepared, prepared.val)
