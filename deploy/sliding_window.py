@@ -38,6 +38,12 @@ def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125)
 IMAGE_PAD_VALUE = 0.0
 
 
+def symmetric_pads(spatial: Sequence[int], roi_size: Sequence[int]) -> list[tuple[int, int]]:
+    """``(before, after)`` per axis that grows ``spatial`` to at least ``roi_size``, half before and the rest after:
+    where training's symmetric ``SpatialPadd`` and the teacher cache put a volume smaller than the ROI."""
+    return [(max(int(r) - s, 0) // 2, max(int(r) - s, 0) - max(int(r) - s, 0) // 2) for r, s in zip(roi_size, spatial)]
+
+
 def window_starts(image_size: int, roi: int, overlap: float) -> list[int]:
     """Start indices of the windows along one axis (``image_size >= roi``)."""
     interval = roi if roi == image_size else max(int(roi * (1 - overlap)), 1)
@@ -82,7 +88,7 @@ def sliding_window_logits(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     roi = [int(r) for r in roi_size]
     spatial = image.shape[1:]
-    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, spatial)]
+    pads = symmetric_pads(spatial, roi)
     if any(p for pair in pads for p in pair):
         image = np.pad(image, [(0, 0), *pads], mode="constant", constant_values=IMAGE_PAD_VALUE)
     padded = image.shape[1:]

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from deploy.sliding_window import IMAGE_PAD_VALUE, symmetric_pads
 from export.errors import ExportError
 
 
@@ -31,8 +32,8 @@ def foreground_crop(image: np.ndarray, label: np.ndarray | None, roi_size: Seque
     """
     roi = [int(r) for r in roi_size]
     spatial = image.shape[1:]
-    pad = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, spatial)]
-    image = np.pad(image, [(0, 0), *pad])
+    pad = symmetric_pads(spatial, roi)
+    image = np.pad(image, [(0, 0), *pad], constant_values=IMAGE_PAD_VALUE)
     if label is not None:
         label = np.pad(label, pad)
     fg = np.argwhere(label > 0) if label is not None else np.empty((0, 3))

@@ -144,7 +144,6 @@ def test_calibration_crops_pad_a_small_volume_as_training_and_deploy_do():
     """A volume smaller than the ROI sits in the crop where training's SpatialPadd and deploy's sliding window put
     it (half the padding before), not at the start: the students segment end-padded crops far worse (0.23 against
     0.80 foreground Dice on the demo's validation crop), which made the INT8 accuracy check compare noise."""
-    import numpy as np
     from monai.transforms import SpatialPad
 
     from export.calibration import foreground_crop
