@@ -1,7 +1,7 @@
 """Seconds and % of the GEMM peak of one student *training* step, per setting, measured in one run.
 
     python -m benchmarks.train_step [--student swinunetr_tiny] [--roi 64 64 32] [--batch 1] [--steps 6]
-                                    [--settings window7 window4 window8 compile channels_last bf16 fused_attention]
+                                    [--settings window7 window4 window8 compile channels_last bf16 fused_attention slab_conv]
                                     [--threads 2] [--out runs/train_step]
 
 A distillation run is thousands of these steps, so on a CPU the step is the budget. Each setting builds the
@@ -16,7 +16,9 @@ Settings: ``windowN`` (SwinUNETR attention window N³; the baseline is the first
 (``torch.compile`` of the first window setting), ``channels_last`` (``torch.channels_last_3d`` input and
 weights), ``bf16`` (CPU bf16 autocast; skipped where the CPU has no native bf16), ``batchB`` (batch B),
 ``fused_attention`` (window attention as one ``scaled_dot_product_attention`` call, forward and backward:
-``student.swin_attention``).
+``student.swin_attention``), ``slab_conv`` (batch-1 convolutions that ATen would run on its slow path cut
+into depth slabs and run on oneDNN: ``training.slab_conv``; ``training.loop.fit`` does this on a CPU, the other
+settings measure PyTorch's own dispatch).
 No timing is asserted anywhere: this is a measurement, its figures go in docs and the closing notes.
 """
 from __future__ import annotations
@@ -31,16 +33,19 @@ from typing import Any, Sequence
 
 
 def _parse_setting(name: str, default_window: int, default_batch: int) -> dict[str, Any]:
+    """One setting, or several joined by ``+`` (``slab_conv+channels_last``)."""
     setting = {"name": name, "window_size": default_window, "batch": default_batch, "compile": False,
-               "channels_last": False, "bf16": False, "fused_attention": False}
-    if name.startswith("window") and name[6:].isdigit():
-        setting["window_size"] = int(name[6:])
-    elif name.startswith("batch") and name[5:].isdigit():
-        setting["batch"] = int(name[5:])
-    elif name in ("compile", "channels_last", "bf16", "fused_attention"):
-        setting[name] = True
-    else:
-        raise SystemExit(f"unknown setting {name!r} (windowN, batchB, compile, channels_last, bf16, fused_attention)")
+               "channels_last": False, "bf16": False, "fused_attention": False, "slab_conv": False}
+    for part in name.split("+"):
+        if part.startswith("window") and part[6:].isdigit():
+            setting["window_size"] = int(part[6:])
+        elif part.startswith("batch") and part[5:].isdigit():
+            setting["batch"] = int(part[5:])
+        elif part in ("compile", "channels_last", "bf16", "fused_attention", "slab_conv"):
+            setting[part] = True
+        else:
+            raise SystemExit(f"unknown setting {part!r} (windowN, batchB, compile, channels_last, bf16, "
+                             "fused_attention, slab_conv; join several with +)")
     return setting
 
 
@@ -60,6 +65,10 @@ def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], n
         from student.swin_attention import use_fused_attention
 
         use_fused_attention(model)
+    if setting["slab_conv"]:
+        from training.slab_conv import route_convolutions
+
+        route_convolutions(model)
     model.train()
     if setting["channels_last"]:
         model = model.to(memory_format=torch.channels_last_3d)

@@ -111,6 +111,8 @@ class TeacherConfig:
     max_negative_clicks: int = 2
     val_every: int = 0  # 0 = only at the end
     amp: bool | str = True  # true | false | bf16 | fp16
+    # CPU: batch-1 3D convolutions that ATen would run on its slow path go to oneDNN in depth slabs (training/slab_conv.py)
+    slab_conv: bool = True
     log_every: int = 10
     grad_checkpointing: bool = False
     num_workers: int = 0
@@ -156,6 +158,8 @@ class DistillConfig:
     ema_decay: float = 0.0
     val_every: int = 0
     amp: bool | str = True
+    # CPU: batch-1 3D convolutions that ATen would run on its slow path go to oneDNN in depth slabs (training/slab_conv.py)
+    slab_conv: bool = True
     log_every: int = 10
     baseline_lambda_zero: bool = True
     # largest_component: keep only each organ's largest piece, for the classes whose validation Dice that raises

@@ -38,6 +38,7 @@ from training.distributed import (
     wrap_model,
 )
 from training.ema import WeightAverage
+from training.slab_conv import route_convolutions
 from training.precision import autocast_dtype
 from training.rng import capture_rng_state, restore_rng_state, seed_everything
 from training.schedule import build_optimizer, build_scheduler, trainable_parameters
@@ -123,7 +124,10 @@ def fit(
     main = rank == 0
     started = time.perf_counter()
 
-    net = wrap_model(model.to(device))
+    model = model.to(device)
+    if device.type == "cpu" and cfg.slab_conv:
+        route_convolutions(model)  # batch-1 3D convolutions on oneDNN, not ATen's slow path: training.slab_conv
+    net = wrap_model(model)
     plain = unwrap_model(net)
     optimizer = build_optimizer(plain, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.schedule, cfg.poly_power)

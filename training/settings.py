@@ -36,6 +36,8 @@ class TrainSettings:
         log_every: steps between training-metric records in the tracker.
         seed: base seed; rank ``r`` seeds its data with ``seed + r``.
         progress: show a tqdm bar on rank 0.
+        slab_conv: on a CPU, run the batch-1 3D convolutions that ATen would compute on its slow im2col path
+            on oneDNN as depth slabs (same function and gradients; training/slab_conv.py).
         ema_decay: 0 = off; else validation, ``best.pt`` (hence ``teacher.pt`` / ``student.pt``) use an
             exponential moving average of the trainable weights with this decay (training/ema.py);
             ``last.pt`` keeps the raw weights and the average, for resuming.
@@ -54,6 +56,7 @@ class TrainSettings:
     seed: int = 0
     progress: bool = True
     ema_decay: float = 0.0
+    slab_conv: bool = True
 
     def __post_init__(self) -> None:
         self.steps = _as_int("steps", self.steps, minimum=1)
@@ -77,6 +80,8 @@ class TrainSettings:
         self.log_every = _as_int("log_every", self.log_every, minimum=1)
         self.seed = _as_int("seed", self.seed, minimum=0)
         self.progress = bool(self.progress)
+        if not isinstance(self.slab_conv, bool):
+            raise TrainSettingsError(f"slab_conv must be true or false, got {self.slab_conv!r}")
         self.ema_decay = _as_float("ema_decay", self.ema_decay)
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainSettingsError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
