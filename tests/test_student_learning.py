@@ -96,10 +96,11 @@ def _oracle_cache(tmp_path, data, by_id, roi):
 def test_a_good_teacher_on_unlabelled_cases_beats_labels_alone_at_equal_steps(tmp_path):
     """1 labelled + 5 unlabelled phantoms; the same student, steps, seed and validation cases. λ = 0 learns from
     the labelled one; KD (λ = 0.5, class-balanced MSE, pseudo-labels: the demo's loss) from all six through a
-    cache of reference-label targets. Training seeds 0 / 1 / 2 are compared, since one 200-step run is noisy.
-    Measured validation Dice (unet_small, 200 steps, crops without flips as the demo's): λ = 0 0.523 / 0.510 / 0.556,
-    KD 0.643 / 0.594 / 0.617. That is a KD lead of +0.120 / +0.084 / +0.061, +0.088 on average (with flips at
-    p = 0.1: +0.180 / +0.012 / +0.068)."""
+    cache of reference-label targets. Training seeds 0 and 1 are compared, since one 200-step run is noisy.
+    Measured validation Dice (unet_small, 200 steps, crops without flips as the demo's, slab convolutions; Intel
+    Xeon, 2 threads): λ = 0 0.525 / 0.499, KD 0.640 / 0.579, a KD lead of +0.115 / +0.080, +0.098 on average
+    against the 0.03 floor. A third seed measured +0.061 before slab convolutions (three-seed mean then +0.088) and
+    cost a third of the test's time."""
     from data.transforms import load_transforms
     from distill.train import train_student
 
@@ -116,7 +117,7 @@ def test_a_good_teacher_on_unlabelled_cases_beats_labels_alone_at_equal_steps(tm
     assert agree > 0.97, agree
 
     gaps = []
-    for seed in (0, 1, 2):
+    for seed in (0, 1):
         run_cfg = {**cfg, "run": {**cfg["run"], "seed": seed}}
         base = train_student(run_cfg, tmp_path / "run", "unet_small", 0.0, data=data, out_dir=tmp_path / f"l0_{seed}",
                              progress=False)
