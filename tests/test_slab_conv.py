@@ -114,3 +114,44 @@ def test_fit_routes_a_cpu_model_unless_told_not_to_and_a_resume_may_switch(tmp_p
     assert type(off.conv1) is nn.Conv3d and type(off.head) is nn.Conv3d
     # A speed setting, not a recipe: a run resumed with the other value is accepted and continues.
     assert type(run(tmp_path / "b", 4, True).conv1) is SlabConv3d
+
+
+
+def test_fit_in_channels_last_trains_the_same_model_and_its_checkpoint_loads_anywhere(tmp_path):
+    """``channels_last``: the weights train in torch.channels_last_3d and the batch's 5-D floating tensors (teacher
+    targets too) reach the loss in it; the losses follow the default layout's to float rounding, and the checkpoint loads
+    into a plain (contiguous) model."""
+    from training import TrainSettings, fit
+    from training.checkpoint import load_checkpoint
+    from training.loop import _to_device
+    from training_toy import TinySegNet, loss_fn, random_batches
+
+    def run(out, channels_last):
+        torch.manual_seed(0)
+        model = TinySegNet()
+        result = fit(model, loss_fn, random_batches(), TrainSettings(steps=6, lr=1e-2, progress=False, val_every=3,
+                                                                     channels_last=channels_last),
+                     out, val_fn=lambda m: {"dice": 0.5})
+        return model, result
+
+    plain, plain_result = run(tmp_path / "plain", False)
+    assert plain.conv1.weight.stride() == (27, 27, 9, 3, 1)  # 8 x 1 x 3³: the input-channel stride tells the layout
+    last, last_result = run(tmp_path / "cl", True)
+    assert last.conv1.weight.stride() == (27, 1, 9, 3, 1)
+    losses = [h.get("train_loss") for h in plain_result.history]
+    assert None not in losses
+    assert losses == pytest.approx([h.get("train_loss") for h in last_result.history], rel=1e-4, abs=1e-5)
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(last.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+    fresh = TinySegNet()
+    fresh.load_state_dict(load_checkpoint(tmp_path / "cl" / "last.pt")["model"])  # last.pt: the final weights
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(fresh(x), last.eval()(x.contiguous(memory_format=torch.channels_last_3d)),
+                               rtol=1e-4, atol=1e-5)
+
+    batch = {"target": torch.randn(1, 8, 6, 6, 4), "label": torch.zeros(1, 1, 6, 6, 4, dtype=torch.long), "w": [1.0]}
+    moved = _to_device(batch, torch.device("cpu"), torch.channels_last_3d)
+    assert moved["target"].is_contiguous(memory_format=torch.channels_last_3d) and not moved["target"].is_contiguous()
+    assert moved["label"].is_contiguous() and moved["w"] == [1.0]
+    torch.testing.assert_close(moved["target"], batch["target"])
+    assert _to_device(batch, torch.device("cpu"))["target"].is_contiguous()

@@ -190,7 +190,7 @@ def check_compatible(
     extra: Mapping[str, Any] | None,
     settings: Mapping[str, Any] | None = None,
     free_extra_keys: Iterable[str] = ("config",),
-    free_settings: Iterable[str] = ("steps", "val_every", "log_every", "amp", "progress", "slab_conv"),
+    free_settings: Iterable[str] = ("steps", "val_every", "log_every", "amp", "progress", "slab_conv", "channels_last"),
     source: str | Path = "checkpoint",
 ) -> None:
     """Refuse to resume from a checkpoint that another run wrote.

@@ -127,6 +127,9 @@ def fit(
     model = model.to(device)
     if device.type == "cpu" and cfg.slab_conv:
         route_convolutions(model)  # batch-1 3D convolutions on oneDNN, not ATen's slow path: training.slab_conv
+    memory_format = torch.channels_last_3d if device.type == "cpu" and cfg.channels_last else None
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
     net = wrap_model(model)
     plain = unwrap_model(net)
     optimizer = build_optimizer(plain, cfg.lr, cfg.weight_decay)
@@ -208,7 +211,7 @@ def fit(
     segment_start = time.perf_counter()  # training time excludes validation and checkpointing
     try:
         while step < cfg.steps:
-            batch = _to_device(next(stream), device)
+            batch = _to_device(next(stream), device, memory_format)
             if on_step is not None:
                 on_step(step)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -393,13 +396,17 @@ def _batch_stream(batches: Iterable[Any]) -> Iterator[Any]:
                 raise ValueError("the batch loader yields no batches") from None
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format | None = None) -> Any:
+    """``batch`` on ``device``; with ``memory_format`` (channels_last_3d) its 5-D floating tensors in that layout."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        moved = batch.to(device, non_blocking=True)
+        if memory_format is not None and moved.dim() == 5 and moved.is_floating_point():
+            moved = moved.contiguous(memory_format=memory_format)
+        return moved
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, memory_format) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
+        moved = [_to_device(v, device, memory_format) for v in batch]
         return type(batch)(moved) if isinstance(batch, list) or type(batch) is tuple else type(batch)(*moved)
     return batch
 
