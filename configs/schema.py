@@ -162,8 +162,8 @@ class DistillConfig:
     amp: bool | str = True
     # CPU: batch-1 3D convolutions that ATen would run on its slow path go to oneDNN in depth slabs (training/slab_conv.py)
     slab_conv: bool = True
-    # CPU: train in torch.channels_last_3d (faster oneDNN convolutions; training/settings.py)
-    channels_last: bool = False
+    # CPU: train in torch.channels_last_3d: 1.17-1.18x on a SwinUNETR-tiny step over slab_conv alone (configs/demo.yaml)
+    channels_last: bool = True
     log_every: int = 10
     baseline_lambda_zero: bool = True
     # largest_component: keep only each organ's largest piece, for the classes whose validation Dice that raises
