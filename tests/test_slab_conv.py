@@ -155,3 +155,29 @@ def test_fit_in_channels_last_trains_the_same_model_and_its_checkpoint_loads_any
     assert moved["label"].is_contiguous() and moved["w"] == [1.0]
     torch.testing.assert_close(moved["target"], batch["target"])
     assert _to_device(batch, torch.device("cpu"))["target"].is_contiguous()
+
+
+def test_fit_in_channels_last_takes_a_model_that_also_holds_2d_weights(tmp_path):
+    """The teacher mixes 3-D and 2-D (SAM) layers; ``Module.to(memory_format=channels_last_3d)`` refuses the 4-D weights,
+    so fit converts the 5-D tensors only and leaves the rest as they are."""
+    from training import TrainSettings, fit
+    from training_toy import TinySegNet, loss_fn, random_batches
+
+    class Mixed(TinySegNet):
+        def __init__(self):
+            super().__init__()
+            self.plane = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, image):
+            out = super().forward(image)
+            b, c, x, y, z = out.shape
+            flat = out.permute(0, 4, 1, 2, 3).reshape(b * z, c, x, y)
+            return out + self.plane(flat).reshape(b, z, c, x, y).permute(0, 2, 3, 4, 1)
+
+    torch.manual_seed(0)
+    model = Mixed()
+    plane = model.plane.weight
+    fit(model, loss_fn, random_batches(), TrainSettings(steps=2, lr=1e-2, progress=False, channels_last=True),
+        tmp_path / "mixed")
+    assert model.conv1.weight.stride() == (27, 1, 9, 3, 1)
+    assert model.plane.weight is plane and model.plane.weight.is_contiguous()
