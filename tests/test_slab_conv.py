@@ -116,7 +116,6 @@ def test_fit_routes_a_cpu_model_unless_told_not_to_and_a_resume_may_switch(tmp_p
     assert type(run(tmp_path / "b", 4, True).conv1) is SlabConv3d
 
 
-
 def test_fit_in_channels_last_trains_the_same_model_and_its_checkpoint_loads_anywhere(tmp_path):
     """``channels_last``: the weights train in torch.channels_last_3d and the batch's 5-D floating tensors (teacher
     targets too) reach the loss in it; the losses follow the default layout's to float rounding, and the checkpoint loads

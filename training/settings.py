@@ -83,10 +83,9 @@ class TrainSettings:
         self.log_every = _as_int("log_every", self.log_every, minimum=1)
         self.seed = _as_int("seed", self.seed, minimum=0)
         self.progress = bool(self.progress)
-        if not isinstance(self.slab_conv, bool):
-            raise TrainSettingsError(f"slab_conv must be true or false, got {self.slab_conv!r}")
-        if not isinstance(self.channels_last, bool):
-            raise TrainSettingsError(f"channels_last must be true or false, got {self.channels_last!r}")
+        for name in ("slab_conv", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainSettingsError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.ema_decay = _as_float("ema_decay", self.ema_decay)
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainSettingsError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
