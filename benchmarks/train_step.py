@@ -1,8 +1,13 @@
-"""Seconds and % of the GEMM peak of one student *training* step, per setting, measured in one run.
+"""Seconds and % of the GEMM peak of one student (or teacher) *training* step, per setting, measured in one run.
 
     python -m benchmarks.train_step [--student swinunetr_tiny] [--roi 64 64 32] [--batch 1] [--steps 6]
                                     [--settings window7 window4 window8 compile channels_last bf16 fused_attention slab_conv]
                                     [--threads 2] [--out runs/train_step]
+    python -m benchmarks.train_step --teacher [--config configs/demo.yaml] --settings base channels_last bf16
+
+``--teacher`` times the teacher a config's ``teacher:`` section builds (without a SAM checkpoint every weight
+trains, as in the demo), at that section's ROI and batch unless ``--roi`` / ``--batch`` say otherwise, on DiceCE
+(what a teacher step computes). Its FLOPs are not counted (no % of peak).
 
 A distillation run is thousands of these steps, so on a CPU the step is the budget. Each setting builds the
 student afresh (seeded), runs AdamW on DiceCE + MSE to a fixed target (what a KD step computes), discards
@@ -12,7 +17,7 @@ process with the same threads, so "% of peak" reads against this machine, whatev
 (printed with the table). Settings are interleaved round-robin over ``--rounds`` so that a slow spell of a
 shared machine does not land on one setting only.
 
-Settings: ``windowN`` (SwinUNETR attention window N³; the baseline is the first setting), ``compile``
+Settings: ``base`` (nothing changed), ``windowN`` (attention window N³; the baseline is the first setting), ``compile``
 (``torch.compile`` of the first window setting), ``channels_last`` (``torch.channels_last_3d`` input and
 weights), ``bf16`` (CPU bf16 autocast; skipped where the CPU has no native bf16), ``batchB`` (batch B),
 ``fused_attention`` (window attention as one ``scaled_dot_product_attention`` call, forward and backward:
@@ -37,6 +42,8 @@ def _parse_setting(name: str, default_window: int, default_batch: int) -> dict[s
     setting = {"name": name, "window_size": default_window, "batch": default_batch, "compile": False,
                "channels_last": False, "bf16": False, "fused_attention": False, "slab_conv": False}
     for part in name.split("+"):
+        if part == "base":
+            continue
         if part.startswith("window") and part[6:].isdigit():
             setting["window_size"] = int(part[6:])
         elif part.startswith("batch") and part[5:].isdigit():
@@ -44,23 +51,42 @@ def _parse_setting(name: str, default_window: int, default_batch: int) -> dict[s
         elif part in ("compile", "channels_last", "bf16", "fused_attention", "slab_conv"):
             setting[part] = True
         else:
-            raise SystemExit(f"unknown setting {part!r} (windowN, batchB, compile, channels_last, bf16, "
+            raise SystemExit(f"unknown setting {part!r} (base, windowN, batchB, compile, channels_last, bf16, "
                              "fused_attention, slab_conv; join several with +)")
     return setting
 
 
-def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], num_classes: int = 8) -> dict:
-    """Build, warm up and return a callable that times one training step of ``setting``."""
+def _build_teacher(teacher_cfg: dict, roi: Sequence[int], setting: dict[str, Any], num_classes: int) -> Any:
+    """The teacher ``teacher_cfg`` describes, with what trains set as the pipeline sets it (``teacher.build``)."""
+    import warnings
+
+    from teacher.build import build_teacher
+
+    cfg = {**teacher_cfg, "roi_size": list(roi), "checkpoint": None,
+           "arch": {**(teacher_cfg.get("arch") or {}), "window_size": setting["window_size"]}}
+    with warnings.catch_warnings():  # "no SAM checkpoint": known here, every weight trains as in the demo
+        warnings.simplefilter("ignore")
+        return build_teacher(cfg, num_classes, checkpoint=None)
+
+
+def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], num_classes: int = 8,
+                    teacher_cfg: dict | None = None) -> dict:
+    """Build, warm up and return a callable that times one training step of ``setting`` (of the teacher
+    ``teacher_cfg`` describes, when given, instead of ``student``)."""
     import torch
     from monai.losses import DiceCELoss
 
     from student import build_student, describe
 
     torch.manual_seed(0)
-    model = build_student(student, num_classes, options={"window_size": setting["window_size"]})
-    # Counted on MONAI's explicit attention: the FLOP counter does not see inside the fused SDPA call, and the
-    # fused setting computes the same function.
-    gflops = 3.0 * describe(model, roi)["gflops"] * setting["batch"]
+    if teacher_cfg is not None:
+        model = _build_teacher(teacher_cfg, roi, setting, num_classes)
+        gflops = float("nan")
+    else:
+        model = build_student(student, num_classes, options={"window_size": setting["window_size"]})
+        # Counted on MONAI's explicit attention: the FLOP counter does not see inside the fused SDPA call, and the
+        # fused setting computes the same function.
+        gflops = 3.0 * describe(model, roi)["gflops"] * setting["batch"]
     if setting["fused_attention"]:
         from student.swin_attention import use_fused_attention
 
@@ -71,9 +97,11 @@ def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], n
         route_convolutions(model)
     model.train()
     if setting["channels_last"]:
-        model = model.to(memory_format=torch.channels_last_3d)
+        from training.memory_format import to_channels_last_3d
+
+        to_channels_last_3d(model)  # as training.loop.fit does (Module.to refuses the teacher's 4-D weights)
     step_model = torch.compile(model) if setting["compile"] else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(setting["batch"], 1, *roi, generator=gen)
@@ -87,8 +115,11 @@ def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], n
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting["bf16"]):
             logits = step_model(x)
         logits = logits.float()
-        loss = 0.5 * loss_fn(logits, label) + 0.5 * torch.nn.functional.mse_loss(torch.softmax(logits, 1),
-                                                                                  torch.softmax(target, 1))
+        if teacher_cfg is not None:
+            loss = loss_fn(logits, label)
+        else:
+            loss = 0.5 * loss_fn(logits, label) + 0.5 * torch.nn.functional.mse_loss(torch.softmax(logits, 1),
+                                                                                      torch.softmax(target, 1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -98,8 +129,9 @@ def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], n
 
 
 def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, steps: int, warmup: int,
-        rounds: int, threads: int) -> dict:
-    """Measure every setting; returns ``{"rows", "peak_gflops", "machine"}``."""
+        rounds: int, threads: int, teacher_cfg: dict | None = None) -> dict:
+    """Measure every setting (of the teacher ``teacher_cfg`` describes, when given); returns ``{"rows",
+    "peak_gflops", "machine"}``."""
     import torch
 
     from benchmarks.peak import cpu_supports_bf16, measure_gemm_peak
@@ -107,10 +139,13 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
 
     torch.set_num_threads(threads)
     parsed = []
-    base_window = next((int(s[6:]) for s in settings if s.startswith("window") and s[6:].isdigit()), 7)
+    default_window = int((teacher_cfg.get("arch") or {}).get("window_size", 8)) if teacher_cfg is not None else 7
+    base_window = next((int(s[6:]) for s in settings if s.startswith("window") and s[6:].isdigit()), default_window)
     notes = []
     for name in settings:
         setting = _parse_setting(name, base_window, batch)
+        if teacher_cfg is not None and (setting["fused_attention"] or setting["compile"]):
+            raise SystemExit(f"--teacher: setting {name!r} is a student setting (the teacher already fuses its attention; compile is not wired for it)")
         if setting["bf16"] and not cpu_supports_bf16():
             notes.append("bf16 skipped: this CPU has no native bf16 (autocast would emulate it)")
             continue
@@ -118,7 +153,7 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
     peak = measure_gemm_peak("fp32", threads=threads, size=2048).gflops
     steppers = {}
     for setting in parsed:
-        stepper = measure_setting(student, roi, setting)
+        stepper = measure_setting(student, roi, setting, teacher_cfg=teacher_cfg)
         for _ in range(warmup):
             stepper["step"]()
         steppers[setting["name"]] = stepper
@@ -134,25 +169,28 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
         gflops = steppers[setting["name"]]["gflops"]
         rows.append({"setting": setting["name"], "window_size": setting["window_size"], "batch": setting["batch"],
                      "s_per_step": round(median, 4), "s_per_sample": round(median / setting["batch"], 4),
-                     "gflop_per_step": round(gflops, 2), "pct_of_fp32_peak": round(100 * gflops / median / peak, 1),
+                     "gflop_per_step": round(gflops, 2) if gflops == gflops else None,
+                     "pct_of_fp32_peak": round(100 * gflops / median / peak, 1) if gflops == gflops else None,
                      "speedup_vs_first": round(base / median * setting["batch"] / parsed[0]["batch"], 2),
                      "runs": len(times[setting["name"]])})
-    return {"student": student, "roi_size": list(roi), "threads": threads, "peak_gflops": round(peak, 1),
+    return {"student": "teacher" if teacher_cfg is not None else student, "roi_size": list(roi), "threads": threads, "peak_gflops": round(peak, 1),
             "machine": machine_info(), "rows": rows, "notes": notes}
 
 
 def format_table(result: dict) -> str:
     machine = result["machine"]
-    lines = [f"# Student training step: {result['student']}, ROI {result['roi_size']}, {result['threads']} threads", "",
+    what = "Teacher" if result["student"] == "teacher" else "Student"
+    lines = [f"# {what} training step: {result['student']}, ROI {result['roi_size']}, {result['threads']} threads", "",
              f"CPU: {machine.get('cpu_model')}; instruction sets: {', '.join(machine.get('cpu_features') or []) or 'unknown'}"
              + (f" (capped to {machine['isa_cap']} by ONEDNN_MAX_CPU_ISA)" if machine.get("isa_cap") else "") + "; "
              f"fp32 GEMM peak {result['peak_gflops']} GFLOP/s (same run)", "",
              "| setting | window | batch | s/step | s/sample | GFLOP/step | % of fp32 peak | samples/s vs first |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        gflop = "n/a" if r["gflop_per_step"] is None else f"{r['gflop_per_step']:.1f}"
+        pct = "n/a" if r["pct_of_fp32_peak"] is None else f"{r['pct_of_fp32_peak']:.1f}"
         lines.append(f"| {r['setting']} | {r['window_size']} | {r['batch']} | {r['s_per_step']:.3f} | "
-                     f"{r['s_per_sample']:.3f} | {r['gflop_per_step']:.1f} | {r['pct_of_fp32_peak']:.1f} | "
-                     f"{r['speedup_vs_first']:.2f}x |")
+                     f"{r['s_per_sample']:.3f} | {gflop} | {pct} | {r['speedup_vs_first']:.2f}x |")
     lines += [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -160,8 +198,10 @@ def format_table(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="swinunetr_tiny")
-    parser.add_argument("--roi", type=int, nargs=3, default=[64, 64, 32])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--teacher", action="store_true", help="time the teacher of --config instead of a student")
+    parser.add_argument("--config", default="configs/demo.yaml", help="with --teacher: the run config to read")
+    parser.add_argument("--roi", type=int, nargs=3, default=None, help="default: 64 64 32, or the teacher's roi_size")
+    parser.add_argument("--batch", type=int, default=None, help="default: 1, or the teacher's batch_size")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the timed steps are spread over")
@@ -171,7 +211,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from data.atomic import write_json_atomic, write_text_atomic
 
-    result = run(args.student, args.roi, args.settings, args.batch, args.steps, args.warmup, args.rounds, args.threads)
+    teacher_cfg = None
+    roi, batch = args.roi or [64, 64, 32], args.batch or 1
+    if args.teacher:
+        from configs import load_config
+
+        teacher_cfg = dict(load_config(args.config)["teacher"])
+        roi = args.roi or [int(v) for v in teacher_cfg["roi_size"]]
+        batch = args.batch or int(teacher_cfg["batch_size"])
+    result = run(args.student, roi, args.settings, batch, args.steps, args.warmup, args.rounds, args.threads,
+                 teacher_cfg=teacher_cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "train_step.json", result)

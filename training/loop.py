@@ -38,6 +38,7 @@ from training.distributed import (
     wrap_model,
 )
 from training.ema import WeightAverage
+from training.memory_format import to_channels_last_3d
 from training.slab_conv import route_convolutions
 from training.precision import autocast_dtype
 from training.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -129,7 +130,7 @@ def fit(
         route_convolutions(model)  # batch-1 3D convolutions on oneDNN, not ATen's slow path: training.slab_conv
     memory_format = torch.channels_last_3d if device.type == "cpu" and cfg.channels_last else None
     if memory_format is not None:
-        _to_channels_last_3d(model)
+        to_channels_last_3d(model)
     net = wrap_model(model)
     plain = unwrap_model(net)
     optimizer = build_optimizer(plain, cfg.lr, cfg.weight_decay)
@@ -394,18 +395,6 @@ def _batch_stream(batches: Iterable[Any]) -> Iterator[Any]:
                 yield next(iterator)
             except StopIteration:
                 raise ValueError("the batch loader yields no batches") from None
-
-
-def _to_channels_last_3d(model: nn.Module) -> None:
-    """Put the 5-D parameters and buffers of ``model`` in ``torch.channels_last_3d``, in place (parameter objects
-    kept). ``Module.to(memory_format=...)`` refuses models that also hold 4-D tensors (the teacher's 2-D SAM parts)."""
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.dim() == 5:
-                param.data = param.data.to(memory_format=torch.channels_last_3d)
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer.dim() == 5:
-                setattr(module, name, buffer.to(memory_format=torch.channels_last_3d))
 
 
 def _to_device(batch: Any, device: torch.device, memory_format: torch.memory_format | None = None) -> Any:
