@@ -145,7 +145,8 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
     for name in settings:
         setting = _parse_setting(name, base_window, batch)
         if teacher_cfg is not None and (setting["fused_attention"] or setting["compile"]):
-            raise SystemExit(f"--teacher: setting {name!r} is a student setting (the teacher already fuses its attention; compile is not wired for it)")
+            raise SystemExit(f"--teacher: setting {name!r} is a student setting (the teacher already fuses its "
+                             "attention; compile is not wired for it)")
         if setting["bf16"] and not cpu_supports_bf16():
             notes.append("bf16 skipped: this CPU has no native bf16 (autocast would emulate it)")
             continue
@@ -173,7 +174,8 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
                      "pct_of_fp32_peak": round(100 * gflops / median / peak, 1) if gflops == gflops else None,
                      "speedup_vs_first": round(base / median * setting["batch"] / parsed[0]["batch"], 2),
                      "runs": len(times[setting["name"]])})
-    return {"student": "teacher" if teacher_cfg is not None else student, "roi_size": list(roi), "threads": threads, "peak_gflops": round(peak, 1),
+    return {"student": "teacher" if teacher_cfg is not None else student, "roi_size": list(roi), "threads": threads,
+            "peak_gflops": round(peak, 1),
             "machine": machine_info(), "rows": rows, "notes": notes}
 
 
