@@ -150,6 +150,7 @@ def test_settings_come_from_a_config_section():
         with pytest.raises(TrainSettingsError, match=f"{switch} must be true or false, got 'yes'"):
             TrainSettings.from_config({"steps": 5, "lr": 1e-3, switch: "yes"})
     assert TrainSettings.from_config(cfg["distill"], seed=0).channels_last is True  # the demo's students: channels-last
+    assert s.channels_last is True  # and its teacher (configs/demo.yaml: 1.14x per step capped to AVX2)
     with pytest.raises(TrainSettingsError, match="steps"):
         TrainSettings(steps=0, lr=1e-3)
 
