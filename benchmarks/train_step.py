@@ -81,7 +81,7 @@ def measure_setting(student: str, roi: Sequence[int], setting: dict[str, Any], n
     torch.manual_seed(0)
     if teacher_cfg is not None:
         model = _build_teacher(teacher_cfg, roi, setting, num_classes)
-        gflops = float("nan")
+        gflops = None  # not counted for the teacher
     else:
         model = build_student(student, num_classes, options={"window_size": setting["window_size"]})
         # Counted on MONAI's explicit attention: the FLOP counter does not see inside the fused SDPA call, and the
@@ -139,7 +139,12 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
 
     torch.set_num_threads(threads)
     parsed = []
-    default_window = int((teacher_cfg.get("arch") or {}).get("window_size", 8)) if teacher_cfg is not None else 7
+    if teacher_cfg is not None:
+        from teacher.build import teacher_arch
+
+        default_window = teacher_arch(teacher_cfg).window_size  # the preset's, under the config's arch overrides
+    else:
+        default_window = 7
     base_window = next((int(s[6:]) for s in settings if s.startswith("window") and s[6:].isdigit()), default_window)
     notes = []
     for name in settings:
@@ -170,8 +175,8 @@ def run(student: str, roi: Sequence[int], settings: Sequence[str], batch: int, s
         gflops = steppers[setting["name"]]["gflops"]
         rows.append({"setting": setting["name"], "window_size": setting["window_size"], "batch": setting["batch"],
                      "s_per_step": round(median, 4), "s_per_sample": round(median / setting["batch"], 4),
-                     "gflop_per_step": round(gflops, 2) if gflops == gflops else None,
-                     "pct_of_fp32_peak": round(100 * gflops / median / peak, 1) if gflops == gflops else None,
+                     "gflop_per_step": None if gflops is None else round(gflops, 2),
+                     "pct_of_fp32_peak": None if gflops is None else round(100 * gflops / median / peak, 1),
                      "speedup_vs_first": round(base / median * setting["batch"] / parsed[0]["batch"], 2),
                      "runs": len(times[setting["name"]])})
     return {"student": "teacher" if teacher_cfg is not None else student, "roi_size": list(roi), "threads": threads,
