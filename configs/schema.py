@@ -140,6 +140,8 @@ class DistillConfig:
     pseudo_labels: bool = False
     kd_weighting: str = "uniform"  # uniform | class_balanced
     labelled_fraction: float | None = None
+    # The labelled share at the run's last step, linear from labelled_fraction (null: constant; distill/sampling.py)
+    labelled_fraction_end: float | None = None
     mode: str = "cached"  # cached | online
     cache_downsample: int = 2
     batch_size: int = 1  # demo

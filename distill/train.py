@@ -24,6 +24,7 @@ import torch
 from distill.cache import AttachTeacherd, TeacherCache
 from data.prepare import PreparedData
 from distill.loss import KDLoss, lambda_at
+from distill.sampling import LabelledShareSampler, check_share
 from evaluation.validation import as_plain_tensor, validation_dice
 from training.distributed import resolve_device
 from training.batches import crop_batches, preload
@@ -200,8 +201,19 @@ def train_student(
 
     crops = Dataset(cases, transform=Compose(chain))
     # Labelled cases come first in ``cases``; distill.labelled_fraction sets their share of the crops.
+    # distill.labelled_fraction_end moves that share linearly over the run (distill/sampling.py).
+    if dcfg["labelled_fraction_end"] is not None:  # before any step, even where no unlabelled case draws it
+        if dcfg["labelled_fraction"] is None:
+            raise DistillConfigError(f"distill.labelled_fraction_end={dcfg['labelled_fraction_end']!r} needs "
+                                     f"distill.labelled_fraction (the share at step 0), which is null")
+        check_share("labelled_fraction_end", dcfg["labelled_fraction_end"], allow_one=True)
     weights = case_weights(len(labelled), len(unlabelled), dcfg["labelled_fraction"])
-    batches = crop_batches(crops, int(dcfg["batch_size"]), int(dcfg["num_workers"]), weights)
+    share_sampler = None
+    if dcfg["labelled_fraction_end"] is not None and weights is not None:
+        share_sampler = LabelledShareSampler(len(labelled), len(unlabelled), float(dcfg["labelled_fraction"]),
+                                             float(dcfg["labelled_fraction_end"]), int(steps or dcfg["steps"]))
+        weights = None
+    batches = crop_batches(crops, int(dcfg["batch_size"]), int(dcfg["num_workers"]), weights, sampler=share_sampler)
 
     # Pseudo-labels come from the teacher, so a λ = 0 student (no teacher) never has them.
     kd_loss = KDLoss(lambda_kd, kd_target=str(dcfg["kd_target"]),
@@ -215,6 +227,8 @@ def train_student(
 
     def on_step(step: int) -> None:
         kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule, end_ratio)
+        if share_sampler is not None:
+            share_sampler.step = step
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)
@@ -228,7 +242,9 @@ def train_student(
             with torch.no_grad():
                 teacher_logits = teacher(image).float()
         kd_mask = as_plain_tensor(batch["inside"]).to(device, non_blocking=True) if inside_key else None
-        return kd_loss(student_logits.float(), teacher_logits, label, has_label, kd_mask)
+        loss, logs = kd_loss(student_logits.float(), teacher_logits, label, has_label, kd_mask)
+        # The share of labelled crops (train/labelled in MLflow): constant, or following distill.labelled_fraction_end.
+        return loss, {**logs, "labelled": float(has_label.float().mean())}
 
     overlap = float(cfg["evaluation"]["overlap"])
 

@@ -123,3 +123,29 @@ def test_only_a_constant_lr_and_a_constant_lambda_make_a_shorter_run_a_prefix_of
     assert budget_free({"schedule": "constant", "lambda_schedule": "constant"})
     assert not budget_free({"schedule": "cosine", "lambda_schedule": "constant"})
     assert not budget_free({"schedule": "constant", "lambda_schedule": "linear"})  # λ falls over the budget
+
+
+def test_a_labelled_share_that_moves_over_the_run_trains_and_is_logged(setup, tmp_path):
+    """distill.labelled_fraction_end: the crops' labelled share moves from labelled_fraction to it over the run
+    (distill/sampling.py); the share each step drew is logged as train/labelled."""
+    from mlflow import MlflowClient
+    from training.tracking import Tracker
+
+    cfg, run_dir, data, cache = setup
+    moving = {**cfg, "distill": {**cfg["distill"], "labelled_fraction": 0.5, "labelled_fraction_end": 1.0,
+                                 "log_every": 1}}
+    tracker = Tracker(tmp_path, experiment="share-test")
+    with tracker.start_run("student"):
+        result = train_student(moving, run_dir, "unet_small", 0.5, cache_dir=cache.directory, tracker=tracker,
+                               out_dir=tmp_path / "share", progress=False)
+    assert result.last_step == STEPS and result.unlabelled == len(data.unlabelled) >= 1
+    client = MlflowClient(tracker.tracking_uri)
+    run = client.search_runs([tracker.experiment_id])[0]
+    shares = [m.value for m in client.get_metric_history(run.info.run_id, "train/labelled")]
+    assert len(shares) == STEPS and set(shares) <= {0.0, 1.0}  # batch 1: each step's crop is labelled or not
+
+    bad = {**cfg, "distill": {**cfg["distill"], "labelled_fraction": None, "labelled_fraction_end": 1.0}}
+    with pytest.raises(DistillConfigError, match="labelled_fraction_end=1.0 needs distill.labelled_fraction"):
+        train_student(bad, run_dir, "unet_small", 0.5, cache_dir=cache.directory, out_dir=tmp_path / "bad",
+                      progress=False)
+    assert not (tmp_path / "bad" / "last.pt").exists()

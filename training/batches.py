@@ -17,17 +17,21 @@ def preload(items: Sequence[Mapping[str, Any]], transforms: Callable) -> list[di
 
 
 def crop_batches(dataset: Any, batch_size: int, num_workers: int = 0,
-                 weights: Sequence[float] | None = None) -> Iterator[dict]:
+                 weights: Sequence[float] | None = None, sampler: Any = None) -> Iterator[dict]:
     """Endless stream of collated crop batches, reshuffled each pass.
 
     The loader is built lazily, inside ``fit``, so its shuffling and MONAI's transform seeds come from the
     global RNG that ``fit`` seeds per rank (``seed + rank``) and restores on resume. With ``weights`` (one per
-    case) cases are drawn with replacement in proportion to them instead of once per pass.
+    case) cases are drawn with replacement in proportion to them instead of once per pass; a given ``sampler``
+    (e.g. ``distill.sampling.LabelledShareSampler``) draws the case indices instead of either.
     """
     from monai.data import DataLoader, list_data_collate
     from torch.utils.data import WeightedRandomSampler
 
-    sampler = None if weights is None else WeightedRandomSampler(list(weights), num_samples=len(dataset), replacement=True)
+    if sampler is not None and weights is not None:
+        raise ValueError("crop_batches: give weights or a sampler, not both")
+    if sampler is None and weights is not None:
+        sampler = WeightedRandomSampler(list(weights), num_samples=len(dataset), replacement=True)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -110,8 +110,9 @@ def fit(
             ``torch.no_grad()``, higher Dice is better; run on rank 0 only. None: no validation, no best.pt.
         extra_meta: stage metadata saved in the checkpoints (``config``, ``labels``, ``arch`` ...); on
             resume every key but ``config`` must match what ``last.pt`` holds.
-        on_step: ``on_step(step)`` before each optimizer step, with the steps already taken (0-based, the resumed
-            step after a resume), for losses whose weights follow the step (``distill.lambda_schedule``).
+        on_step: ``on_step(step)`` before each step's batch is drawn, with the steps already taken (0-based, the
+            resumed step after a resume), for losses and samplers that follow the step (``distill.lambda_schedule``,
+            ``distill.labelled_fraction_end``).
         on_validation: ``on_validation(step, metrics)`` after each validation, once ``last.pt`` is written,
             on every rank; an exception it raises (``optuna.TrialPruned``) propagates.
         tracker: a :class:`training.tracking.Tracker` inside an open run, or None.
@@ -212,9 +213,9 @@ def fit(
     segment_start = time.perf_counter()  # training time excludes validation and checkpointing
     try:
         while step < cfg.steps:
-            batch = _to_device(next(stream), device, memory_format)
-            if on_step is not None:
+            if on_step is not None:  # before the batch is drawn: a sampler may depend on the step
                 on_step(step)
+            batch = _to_device(next(stream), device, memory_format)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
             scaler.scale(loss).backward()
