@@ -38,7 +38,8 @@ def _data(tmp_path, cases, labelled, unlabelled, val):
 def _student_cfg(cfg, steps, roi, **distill):
     cfg = {**cfg, "student": {**cfg["student"], "roi_size": list(roi), "arch": {"window_size": 4, "use_v2": False}},
            "distill": {**cfg["distill"], "steps": steps, "val_every": steps, "batch_size": 1, "warmup_steps": 5,
-                       "lr": 3e-3, "schedule": "constant", "lambda_schedule": "constant", **distill}}
+                       "lr": 3e-3, "schedule": "constant", "lambda_schedule": "constant",
+                       "labelled_fraction_end": None, **distill}}  # a constant share, as these figures were measured
     return cfg
 
 
