@@ -86,6 +86,9 @@ def build_report(
         # constant | linear: a KD student's λ is its starting value, falling over the run to lambda_end_ratio × λ when linear.
         "lambda_schedule": cfg["distill"]["lambda_schedule"],
         "lambda_end_ratio": float(cfg["distill"]["lambda_end_ratio"]),
+        # The share of a KD student's crops drawn from labelled cases, at step 0 and (when it moves) at the last step.
+        "labelled_fraction": cfg["distill"]["labelled_fraction"],
+        "labelled_fraction_end": cfg["distill"]["labelled_fraction_end"],
         "teacher_training": teacher_training,
         "students": [{**{k: v for k, v in s.to_dict().items() if k != "history"}, "best_dice_split": "val",
                       "val_cases": splits.get("val"), "train_minutes": round(float(s.wall_seconds) / 60, 2)}
@@ -165,6 +168,13 @@ def format_report(report: Mapping[str, Any]) -> str:
             end = "0" if ratio == 0 else f"{ratio:g} of itself (distill.lambda_end_ratio)"
             lines += ["", f"λ is each KD student's starting value: it falls linearly to {end} over the run "
                       "(distill.lambda_schedule: linear), imitation first and the labels at the end."]
+        start, stop = report.get("labelled_fraction"), report.get("labelled_fraction_end")
+        if start is not None and stop is not None:
+            lines += ["", f"A KD student draws {float(start):.0%} of its crops from labelled cases at step 0, rising "
+                      f"linearly to {float(stop):.0%} at its last step (distill.labelled_fraction_end)."]
+        elif start is not None:
+            lines += ["", f"A KD student draws {float(start):.0%} of its crops from labelled cases "
+                      "(distill.labelled_fraction)."]
         if report.get("curves"):
             lines += ["", f"Validation Dice against training minutes: {report['curves']}"]
     tune = report.get("tune")

@@ -103,6 +103,8 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     assert "| unet_small | 1 | 1 + 2 | 2 |" in text and "Students' own data (data.site, phantoms): 1 labelled + 2" in text
     # The demo's λ falls from its starting value to 0 over the run, and the report says so.
     assert report["lambda_schedule"] == "linear" and "falls linearly to 0 over the run" in text
+    assert (report["labelled_fraction"], report["labelled_fraction_end"]) == (0.5, 1.0)
+    assert "50% of its crops from labelled cases at step 0, rising linearly to 100% at its last step" in text
     assert Path(report["curves"]).is_file() and report["curves"] in text
     # The wall time names the machine it was measured on: CPU, the instruction sets the kernels could use, threads.
     from deploy.machine import cpu_info
