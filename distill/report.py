@@ -169,6 +169,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines += ["", f"λ is each KD student's starting value: it falls linearly to {end} over the run "
                       "(distill.lambda_schedule: linear), imitation first and the labels at the end."]
         start, stop = report.get("labelled_fraction"), report.get("labelled_fraction_end")
+        if not any(s["lambda_kd"] > 0 and s["unlabelled"] for s in report["students"]):
+            start = None  # no KD student drew from unlabelled cases: the share does not apply
         if start is not None and stop is not None:
             lines += ["", f"A KD student draws {float(start):.0%} of its crops from labelled cases at step 0, rising "
                       f"linearly to {float(stop):.0%} at its last step (distill.labelled_fraction_end)."]

@@ -31,9 +31,11 @@ class LabelledShareSampler(Sampler[int]):
 
     Each draw picks a labelled case with probability ``share(step)`` (linear from ``start`` at step 0 to ``end`` at
     ``steps``), then a case uniformly within its group. ``step`` is set by the training loop's ``on_step`` before each
-    batch is drawn, so a resumed run draws with the share of the step it resumes at; the draws use torch's global
-    RNG, which ``training.loop.fit`` seeds and restores on resume. With ``num_workers > 0`` the workers prefetch, so
-    a batch may be drawn with the share of a few steps earlier.
+    batch is drawn, so a resumed run draws with the share of the step it resumes at. The draws use torch's global
+    RNG, which ``training.loop.fit`` seeds; on resume they restart like the crops themselves (MONAI's DataLoader
+    reseeds the global generator to its initial seed when the loader is rebuilt), so a resumed run is alike to an
+    uninterrupted one, not identical. With ``num_workers > 0`` the workers prefetch, so a batch may be drawn with
+    the share of a few steps earlier.
 
     Args:
         labelled: number of labelled cases (>= 1).

@@ -336,9 +336,11 @@ def _postprocess_line(postprocess: Mapping[str, Any], labels: Mapping[Any, str])
 
 
 def budget_free(dcfg: Mapping[str, Any]) -> bool:
-    """Whether a student's learning rate and λ at a step do not depend on its step budget (constant lr and
-    constant λ), so that a shorter run of the same settings is a prefix of a longer one and can be continued."""
-    return dcfg["schedule"] == "constant" and dcfg["lambda_schedule"] == "constant"
+    """Whether a student's learning rate, λ and labelled share of crops at a step do not depend on its step budget
+    (constant lr, constant λ, no ``labelled_fraction_end``), so that a shorter run of the same settings is a prefix
+    of a longer one and can be continued."""
+    moving_share = dcfg.get("labelled_fraction_end") is not None and dcfg.get("labelled_fraction") is not None
+    return dcfg["schedule"] == "constant" and dcfg["lambda_schedule"] == "constant" and not moving_share
 
 
 def _train_settings(dcfg: Mapping[str, Any], steps: int | None, seed: int, progress: bool = True) -> Any:

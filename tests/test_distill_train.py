@@ -123,6 +123,9 @@ def test_only_a_constant_lr_and_a_constant_lambda_make_a_shorter_run_a_prefix_of
     assert budget_free({"schedule": "constant", "lambda_schedule": "constant"})
     assert not budget_free({"schedule": "cosine", "lambda_schedule": "constant"})
     assert not budget_free({"schedule": "constant", "lambda_schedule": "linear"})  # λ falls over the budget
+    constant = {"schedule": "constant", "lambda_schedule": "constant", "labelled_fraction": 0.5}
+    assert budget_free({**constant, "labelled_fraction_end": None})
+    assert not budget_free({**constant, "labelled_fraction_end": 1.0})  # the labelled share moves over the budget
 
 
 def test_a_labelled_share_that_moves_over_the_run_trains_and_is_logged(setup, tmp_path):
