@@ -126,8 +126,25 @@ def search_space(cfg: Mapping[str, Any], settings: TuneSettings) -> dict:
         "steps_per_trial": settings.steps_per_trial,
         "report_every": settings.report_every,
         "roi_size": list(cfg["student"]["roi_size"]),
+        # What else shapes a trial's student: the distill settings the search does not set and the architecture.
+        # Without them a study made under another loss or crop schedule would be loaded, its completed trials
+        # counted and continued as if they had been trained with this config.
+        "distill": trial_settings(cfg, settings),
+        "student_arch": cfg["student"].get("arch"),
     }
     return {**space, "hash": config_hash(space)}
+
+
+# distill.* keys a trial does not take from the config (λ is searched; the baseline flag is the pipeline's), or that
+# do not change what it learns (logging, loader workers).
+_NOT_TRIAL_SETTINGS = ("lambda_kd", "baseline_lambda_zero", "log_every", "num_workers")
+
+
+def trial_settings(cfg: Mapping[str, Any], settings: TuneSettings) -> dict:
+    """The ``distill`` settings every trial of a study trains with (the searched temperature and lr excluded)."""
+    searched = {"temperature"} if settings.search_temperature else set()
+    searched |= {"lr"} if settings.search_lr else set()
+    return {k: v for k, v in sorted(cfg["distill"].items()) if k not in _NOT_TRIAL_SETTINGS and k not in searched}
 
 
 def default_study_name(cfg: Mapping[str, Any], settings: TuneSettings) -> str:

@@ -114,7 +114,8 @@ def create_tuning_study(
     saved = study.user_attrs.get(ATTR_SPACE)
     if saved is not None and saved.get("hash") != space["hash"]:
         raise TuneError(f"study {name!r} in {masked_url(url)} was created for another search space "
-                        f"({_space_diff(saved, space)}); use another --study name or storage")
+                        f"({_space_diff(saved, space)}); use another --study name or storage (a pipeline run: "
+                        f"tune.study_name=..., another run.name, or remove its optuna.db and tune/ folder)")
     if [d.name.lower() for d in study.directions] != _directions(settings):
         raise TuneError(f"study {name!r} in {masked_url(url)} optimises {[d.name for d in study.directions]}, "
                         f"the config asks for {settings.objectives}; use another --study name")
@@ -169,7 +170,15 @@ def load_tuning_study(cfg: Mapping[str, Any], run_dir: str | Path, storage: str 
 
 def _space_diff(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     keys = sorted(k for k in set(saved) | set(now) if k != "hash" and saved.get(k) != now.get(k))
-    return "; ".join(f"{k}: study {saved.get(k)!r} vs config {now.get(k)!r}" for k in keys) or "unknown difference"
+    parts = []
+    for k in keys:
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):  # one level down: only the keys that differ
+            parts += [f"{k}.{sub}: study {a.get(sub)!r} vs config {b.get(sub)!r}"
+                      for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            parts.append(f"{k}: study {a!r} vs config {b!r}")
+    return "; ".join(parts) or "unknown difference"
 
 
 @contextlib.contextmanager

@@ -196,6 +196,10 @@ def test_bad_settings_and_a_changed_search_space_are_refused_by_name(phantom_dat
     create_tuning_study(cfg, tmp_path)
     with pytest.raises(TuneError, match="another search space.*steps_per_trial"):
         create_tuning_study(apply_overrides(cfg, ["tune.steps_per_trial=8"]), tmp_path)
+    # A study made under another loss or crop schedule is not one to continue (its trials trained otherwise).
+    with pytest.raises(TuneError, match=r"another search space \(distill\.labelled_fraction_end: study 1\.0 vs config None\)"):
+        create_tuning_study(apply_overrides(cfg, ["distill.labelled_fraction_end=null"]), tmp_path)
+    create_tuning_study(apply_overrides(cfg, ["distill.log_every=3"]), tmp_path)  # logging is not a trial setting
     with pytest.raises(TuneError, match="no study 'elsewhere'"):
         load_tuning_study(cfg, tmp_path, study_name="elsewhere")
 
