@@ -21,7 +21,9 @@ def tiny_config(phantom_dataset, *extra):
     return load_config("sam_med3d_demo", [
         f"data.source={phantom_dataset}", "preprocess.spacing_mm=[8.0, 8.0, 8.0]", "run.device=cpu",
         "teacher.preset=tiny", "teacher.roi_size=[32, 32, 32]", "teacher.apg_hidden=8", "teacher.batch_size=2",
-        "teacher.warmup_steps=1", "teacher.val_every=2", "teacher.steps=2", *extra,
+        "teacher.warmup_steps=1", "teacher.val_every=2", "teacher.steps=2",
+        # float32: bf16 autocast training is not reproducible on an AVX512-BF16 EPYC and once went NaN here in 2 steps
+        "teacher.amp=false", *extra,
     ])
 
 
