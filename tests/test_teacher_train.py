@@ -27,6 +27,10 @@ def tiny_config(phantom_dataset):
         f"data.source={phantom_dataset}", "preprocess.spacing_mm=[10.0, 10.0, 10.0]", "run.device=cpu",
         "teacher.roi_size=[16, 16, 16]", "teacher.batch_size=2", "teacher.warmup_steps=1", "teacher.val_every=2",
         "teacher.steps=2",
+        # float32: in full-suite runs on an AMD EPYC with AVX512-BF16 (no AMX) the bf16 autocast teacher went NaN
+        # within its first 2 steps (never in 24 standalone runs of the same fixture); the bf16 path stays covered
+        # by tests/test_training_loop.py and the pipeline tests.
+        "teacher.amp=false",
     ])
     cfg["teacher"]["arch"] = dict(TINY_ARCH)
     return cfg
@@ -87,8 +91,7 @@ def test_sixty_steps_learn_the_liver_past_what_an_untrained_teacher_scores(train
     AVX512-BF16 (no AMX) the bf16 autocast run is not reproducible and went NaN within its 60 steps in 5 of 14 tries
     (1 of 7 at 45af63e, 4 of 7 at a commit that changed no teacher code); float32 gave liver 0.591 every time."""
     cfg, run_dir, data, _, _ = trained
-    cfg = {**cfg, "teacher": {**cfg["teacher"], "steps": 60, "val_every": 30, "lr": 6.0e-3, "schedule": "constant",
-                              "amp": False}}
+    cfg = {**cfg, "teacher": {**cfg["teacher"], "steps": 60, "val_every": 30, "lr": 6.0e-3, "schedule": "constant"}}
     result = train_teacher(cfg, run_dir, data=data, progress=False, out_dir=run_dir / "sixty")
     print(f"[measured] liver Dice {result.per_class_dice['liver']:.3f}")
     assert [h["step"] for h in result.history] == [30, 60]
