@@ -208,10 +208,11 @@ def train_student(
                                      f"distill.labelled_fraction (the share at step 0), which is null")
         check_share("labelled_fraction_end", dcfg["labelled_fraction_end"], allow_one=True)
     weights = case_weights(len(labelled), len(unlabelled), dcfg["labelled_fraction"])
+    settings = _train_settings(dcfg, steps, seed, progress)  # the run's step budget, which the share moves over
     share_sampler = None
     if dcfg["labelled_fraction_end"] is not None and weights is not None:
         share_sampler = LabelledShareSampler(len(labelled), len(unlabelled), float(dcfg["labelled_fraction"]),
-                                             float(dcfg["labelled_fraction_end"]), int(steps or dcfg["steps"]))
+                                             float(dcfg["labelled_fraction_end"]), settings.steps)
         weights = None
     batches = crop_batches(crops, int(dcfg["batch_size"]), int(dcfg["num_workers"]), weights, sampler=share_sampler)
 
@@ -253,7 +254,6 @@ def train_student(
 
     options = arch_options(student_name, scfg.get("arch"))  # student.arch over the registry's defaults
     model = build_student(student_name, num_classes, options=options).to(device)
-    settings = _train_settings(dcfg, steps, seed, progress)
     meta = {
         "arch": {"name": student_name, "num_classes": num_classes, "in_channels": 1, "options": options},
         "roi_size": roi_size,
