@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -13,6 +14,7 @@ import optuna
 from commands.args import add_run_arguments, run_config
 from data.prepare import PreparedData
 from distill import tune
+from distill.tune_local import READY_ENV
 from distill.tune import (ATTR_CACHE, ATTR_TARGET, ATTR_TEACHER, TuneError, count_trials, create_tuning_study,
                           default_storage, load_tuning_study, masked_url, run_worker, tune_lambda, tuning_run)
 
@@ -20,7 +22,7 @@ from distill.tune import (ATTR_CACHE, ATTR_TARGET, ATTR_TEACHER, TuneError, coun
 def _prepared_inputs(args: argparse.Namespace, cfg: dict, run_dir: Path,
                      study: optuna.Study | None = None) -> tuple[PreparedData, Path | None, Path | None]:
     """Data, teacher cache and teacher for a worker: from ``--cache`` / the study / the run folder on disk."""
-    data = PreparedData.load(run_dir / "data" / "data.json")
+    data = PreparedData.load(args.data or run_dir / "data" / "data.json")
     attrs = study.user_attrs if study is not None else {}
     cache = args.cache or attrs.get(ATTR_CACHE)
     teacher = attrs.get(ATTR_TEACHER)
@@ -45,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
     parser.add_argument("--cache", default=None,
                         help="use this teacher cache and the run folder's data.json instead of running the data, "
                              "teacher and cache stages")
+    parser.add_argument("--data", default=None, help="prepared data (default <run dir>/data/data.json)")
     add_run_arguments(parser, teacher=False, example="tune.steps_per_trial=20", tracking_default="sqlite:///<run dir>/mlflow.db")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default run.name, as the pipeline's)")
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="record nothing in MLflow (a helper of a caller whose tracking is off: tune.workers)")
     args = parser.parse_args(argv)
 
     cfg = run_config(args)
@@ -57,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
         import torch
 
         torch.set_num_threads(int(threads))
-    tracker = Tracker(run_dir, experiment=str(cfg["run"]["name"]), tracking_uri=args.tracking_uri)
+    tracker = Tracker(run_dir, experiment=args.experiment or str(cfg["run"]["name"]), enabled=not args.no_tracking,
+                      tracking_uri=args.tracking_uri)
     print(f"[tune] config {args.config} {' '.join(args.overrides)}; run folder {run_dir}")
 
     if args.worker:
@@ -65,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
         if args.trials:
             study.set_user_attr(ATTR_TARGET, int(args.trials))
         data, cache_dir, teacher_ckpt = _prepared_inputs(args, cfg, run_dir, study)
+        ready = os.environ.get(READY_ENV)  # a caller that started this worker waits for it (distill.tune_local)
+        if ready:
+            Path(ready).touch()
         with tuning_run(tracker, study.study_name):
             ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study)
         print(f"[tune] worker done: {ran} trial(s) run here; study {study.study_name}: {count_trials(study).by_state}")

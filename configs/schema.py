@@ -201,6 +201,9 @@ class TuneConfig:
     max_consecutive_failures: int = 3
     latency_repeats: int = 10
     continue_trials: bool = True
+    # Trial processes side by side on this machine (distill/tune_local.py), each with run.threads // workers torch
+    # threads; 1: one trial at a time in the pipeline's process.
+    workers: int = 1
 
 
 @dataclass

@@ -53,6 +53,10 @@ from distill.tune_study import (count_trials, create_tuning_study, default_stora
                                 masked_url, tuning_run)
 
 
+# Seconds between two looks of a worker waiting for trials running elsewhere (one storage read each).
+WAIT_POLL_S = 2.0
+
+
 class TrialObjective:
     """One trial: suggest, distil a student for the trial's step budget, report, prune, return Dice.
 
@@ -253,7 +257,9 @@ def run_worker(
         if counts.finished >= target:
             break
         if counts.finished + counts.running >= target:
-            time.sleep(settings.heartbeat_s)  # the rest is in other hands; take over if one of them dies
+            # The rest is in other hands: look again soon (a finished study ends this worker within
+            # WAIT_POLL_S), and take over a trial whose worker died once its heartbeat is stale.
+            time.sleep(min(settings.heartbeat_s, WAIT_POLL_S))
             continue
         study.optimize(objective, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
     return failures.ran
@@ -321,14 +327,64 @@ def tune_lambda(
     study = create_tuning_study(cfg, run_dir, storage, study_name, trials, cache_dir=cache_dir,
                                 teacher_ckpt=teacher_ckpt)
     tracker = tracker if tracker is not None else _disabled_tracker(run_dir)
+    settings = TuneSettings.from_config(cfg)
     with tuning_run(tracker, study.study_name):
-        ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study, log=log)
+        helpers = _helpers_wanted(study, settings, log)
+        if helpers:
+            ran = _work_beside_helpers(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study, helpers,
+                                       storage or settings.storage or default_storage(run_dir), settings, log)
+        else:
+            ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study, log=log)
         summary = summarize_study(study, run_dir, tracker)
     summary["trials_run_now"] = ran
     log(f"[tune] study {study.study_name}: best λ={summary['best_lambda']:.4g} (trial {summary['best_trial']}, "
         f"Dice {summary['best_dice']:.4f}); λ=0: {_fmt(summary['endpoints']['lambda_0'])}, "
         f"λ=1: {_fmt(summary['endpoints']['lambda_1'])}")
     return summary
+
+
+def _helpers_wanted(study: optuna.Study, settings: TuneSettings, log: Callable[[str], None]) -> int:
+    """How many helper processes ``tune.workers`` asks for here: one fewer than the workers, and no more than
+    the trials the study still lacks need; none under torchrun (its ranks already share the machine)."""
+    if settings.workers <= 1:
+        return 0
+    from training.distributed import get_world_size
+
+    if get_world_size() > 1:
+        log(f"[tune] tune.workers={settings.workers} ignored under torchrun: trials run one at a time on all ranks")
+        return 0
+    target = int(study.user_attrs.get(ATTR_TARGET, settings.trials))
+    return max(0, min(settings.workers, target - count_trials(study).finished) - 1)
+
+
+def _work_beside_helpers(cfg: Mapping[str, Any], run_dir: str | Path, data: PreparedData, cache_dir: str | Path | None,
+                         teacher_ckpt: str | Path | None, tracker: Any, study: optuna.Study, helpers: int,
+                         storage: str, settings: TuneSettings, log: Callable[[str], None]) -> int:
+    """Run this process's worker loop while ``helpers`` helper processes work on the same study
+    (``distill.tune_local``); every worker, this one included, gets ``threads // tune.workers`` threads."""
+    import torch
+
+    from distill.tune_local import LocalWorkers, worker_threads
+
+    previous = torch.get_num_threads()
+    each = worker_threads(int(cfg["run"].get("threads") or previous), settings.workers)
+    data_file = Path(run_dir) / "tune" / "workers" / "data.json"
+    data.save(data_file)
+    workers = LocalWorkers(cfg, Path(run_dir), storage, study.study_name, helpers, each, data_file,
+                           Path(cache_dir) if cache_dir is not None else None,
+                           tracker.tracking_uri if tracker.enabled else None, tracker.experiment, log)
+    workers.start()
+    torch.set_num_threads(each)
+    try:
+        ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study, log=log)
+    except BaseException:
+        workers.stop()
+        raise
+    finally:
+        torch.set_num_threads(previous)
+    for problem in workers.join():
+        log(f"[tune] warning: {problem}")
+    return ran
 
 
 def _fmt(value: float | None) -> str:

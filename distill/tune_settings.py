@@ -55,6 +55,7 @@ class TuneSettings:
     max_consecutive_failures: int
     latency_repeats: int
     continue_trials: bool
+    workers: int
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TuneSettings":
@@ -69,7 +70,7 @@ class TuneSettings:
             raise TuneError(f"tune: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
         s = cls(**{**DEFAULTS, **section})
         for key in ("trials", "steps_per_trial", "report_every", "heartbeat_s", "grace_s", "latency_repeats",
-                    "max_consecutive_failures"):
+                    "max_consecutive_failures", "workers"):
             if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
                 raise TuneError(f"tune.{key} must be an integer >= 1, got {getattr(s, key)!r}")
         for key in ("pruner_startup_trials", "pruner_warmup_steps", "max_retry"):

@@ -236,3 +236,49 @@ def test_dice_latency_study_writes_a_pareto_front_of_non_dominated_trials(inputs
             assert any(dominates(r, point) for r in rows), f"trial {t.number} is off the front but not dominated"
     assert (tmp_path / "tune" / "pareto.png").read_bytes().startswith(PNG_MAGIC)
     assert summary["best_dice"] == max(r["dice"] for r in rows)
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_two_end_trials_side_by_side_in_two_processes(inputs, tmp_path):
+    """tune.workers=2: a helper process takes one of the two enqueued trials while this process trains the other,
+    each at half the threads; the study, the summary and MLflow read as a one-process study does."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from training.tracking import Tracker
+
+    phantoms, data, cache_dir = inputs
+    # Trials long enough (validation at each of 12 steps) that the second is asked for while the first trains.
+    cfg = tiny_config(phantoms, "tune.workers=2", "tune.trials=2", "tune.steps_per_trial=12", "run.threads=2")
+    tracker = Tracker(tmp_path, experiment="tune-workers")
+    lines: list[str] = []
+    with tracker.start_run("pipeline", nested=False):
+        summary = tune_lambda(cfg, tmp_path, data, cache_dir, None, tracker, log=lines.append)
+    assert torch.get_num_threads() == 2, "the caller's thread count is restored"
+
+    study = optuna.load_study(study_name="demo-lambda", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sorted(t.user_attrs["lambda_kd"] for t in trials) == [0.0, 1.0]
+    pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
+    assert len(pids) == 2 and str(os.getpid()) in pids, f"one trial here, one in the helper: {pids}"
+    helper_log = (tmp_path / "tune" / "workers" / "worker_1.log").read_text()
+    assert "worker done: 1 trial(s) run here" in helper_log, helper_log[-2000:]
+    assert yaml_threads(tmp_path / "tune" / "workers" / "config.yaml") == 1
+    assert not any("warning" in line for line in lines), lines
+    assert summary["endpoints"]["lambda_0"] is not None and summary["endpoints"]["lambda_1"] is not None
+    assert summary["trials_run_now"] == 1, "this process's own count"
+
+    client = MlflowClient(tracker.tracking_uri)
+    runs = client.search_runs([tracker.experiment_id])
+    tune_runs = [r for r in runs if r.info.run_name == "tune demo-lambda"]
+    assert len(tune_runs) == 1, "the helper reopens the caller's tuning run"
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_runs[0].info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trial_runs) == [0, 1]
+
+
+def yaml_threads(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())["run"]["threads"]
