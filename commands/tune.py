@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
                              "teacher and cache stages")
     parser.add_argument("--data", default=None, help="prepared data (default <run dir>/data/data.json)")
     add_run_arguments(parser, teacher=False, example="tune.steps_per_trial=20", tracking_default="sqlite:///<run dir>/mlflow.db")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this process (default run.threads; tune.workers' helpers get a share)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default run.name, as the pipeline's)")
     parser.add_argument("--no-tracking", action="store_true",
                         help="record nothing in MLflow (a helper of a caller whose tracking is off: tune.workers)")
@@ -58,14 +60,18 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
     if args.storage:
         cfg = apply_overrides(cfg, [f"tune.storage={args.storage}"], strict=False)
     run_dir = Path(args.run_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
-    threads = cfg["run"]["threads"]
+    run_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite storage lives in it ("unable to open" otherwise)
+    threads = args.threads or cfg["run"]["threads"]
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
     tracker = Tracker(run_dir, experiment=args.experiment or str(cfg["run"]["name"]), enabled=not args.no_tracking,
                       tracking_uri=args.tracking_uri)
-    print(f"[tune] config {args.config} {' '.join(args.overrides)}; run folder {run_dir}")
+    import torch
+
+    print(f"[tune] config {args.config} {' '.join(args.overrides)}; run folder {run_dir}; "
+          f"{torch.get_num_threads()} torch thread(s)")
 
     if args.worker:
         study = load_tuning_study(cfg, run_dir, args.storage, args.study)

@@ -70,7 +70,7 @@ class LocalWorkers:
     def command(self, config_file: Path) -> list[str]:
         cmd = [sys.executable, "-m", "distill.tune", "--worker", "--config", str(config_file),
                "--run-dir", str(self.run_dir), "--storage", self.storage, "--study", self.study_name,
-               "--data", str(self.data_file)]
+               "--data", str(self.data_file), "--threads", str(self.threads)]
         if self.cache_dir is not None:
             cmd += ["--cache", str(self.cache_dir)]
         if self.tracking_uri:
@@ -83,11 +83,11 @@ class LocalWorkers:
         """Write the helpers' config, start them, and wait (up to ``timeout_s``) until each has loaded the study."""
         folder = Path(self.run_dir) / "tune" / "workers"
         folder.mkdir(parents=True, exist_ok=True)
-        cfg = {k: dict(v) if isinstance(v, Mapping) else v for k, v in self.cfg.items()}
-        cfg["run"] = {**cfg["run"], "threads": int(self.threads)}
+        # The caller's config as it is: run.threads also sets what a multi-objective study's latency is measured
+        # at, which must not depend on the worker; the helper's own torch threads are --threads.
         config_file = folder / "config.yaml"
         tmp = config_file.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        tmp.write_text(yaml.safe_dump(dict(self.cfg), sort_keys=False))
         os.replace(tmp, config_file)
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -98,7 +98,8 @@ class LocalWorkers:
             with open(path, "ab") as out:
                 self.processes.append(subprocess.Popen(self.command(config_file), cwd=ROOT,
                                                        env={**env, READY_ENV: str(flag)}, stdout=out,
-                                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+                                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                       preexec_fn=_die_with_parent))
             self.logs.append(path)
             flags.append(flag)
         self.log(f"[tune] {self.count} helper worker process(es) at {self.threads} thread(s) each beside this one; "
@@ -149,6 +150,17 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In a helper before it runs (Linux): SIGTERM it when the caller dies, even by SIGKILL, so that no helper
+    trains on for a pipeline that is gone (its trial then goes stale and resumes on a rerun)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

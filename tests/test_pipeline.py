@@ -164,6 +164,8 @@ def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phan
     # The comparison student is the other end: the λ = 0 baseline, or the best KD trial when λ = 0 won.
     assert [s["lambda_kd"] for s in report["students"]] == [tune["best_lambda"], 1.0 - tune["best_lambda"]]
     assert (run_dir / "optuna.db").is_file() and (run_dir / "tune_stage" / "summary.json").is_file()
+    # The demo's tune.workers=2: a helper process joined the study (distill/tune_local.py) and ended cleanly.
+    assert "worker done:" in (run_dir / "tune" / "workers" / "worker_1.log").read_text()
     assert "λ search (Optuna)" in (run_dir / "report.md").read_text()
 
     # Under a constant schedule the final student continues the best trial (steps 2 -> 4) instead of

@@ -173,6 +173,43 @@ def test_bf16_on_cpu_is_opt_in_and_only_where_the_cpu_has_it(tmp_path):
     assert result.best_metric > 0.9  # learns under bf16 autocast as in float32
 
 
+class _NaNGradUnderBf16(torch.autograd.Function):
+    """Identity whose backward returns NaN when the forward ran under CPU bf16 autocast: a stand-in for oneDNN's
+    bf16 convolution backward on AVX512-BF16 CPUs without AMX, which does so now and then for finite inputs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.bf16 = torch.is_autocast_enabled("cpu")
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan") if ctx.bf16 else grad
+
+
+def test_a_bf16_step_with_non_finite_gradients_is_recomputed_in_float32(tmp_path, monkeypatch, capsys):
+    import training.precision
+
+    monkeypatch.setattr(training.precision, "cpu_has_native_bf16", lambda: True)  # autocast bf16 on any CPU
+    calls = []  # (autocast on, step of the call)
+
+    def faulty(model, batch):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        bf16_calls = sum(calls)
+        loss, logs = loss_fn(model, batch)
+        if calls[-1] and bf16_calls in (3, 5):  # the 3rd and 5th bf16 steps get NaN gradients
+            loss = _NaNGradUnderBf16.apply(loss)
+        return loss, logs
+
+    model = new_model()
+    result = fit(model, faulty, random_batches(), settings(steps=8, val_every=4, amp="bf16"), tmp_path,
+                 val_fn=make_val_fn())
+    assert calls == [True, True, True, False, True, True, False, True, True, True], calls  # 8 steps, 2 recomputed
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.best_metric is not None
+    assert "2 step(s) of this session recomputed in float32" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

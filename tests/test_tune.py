@@ -27,7 +27,7 @@ def tiny_config(phantoms, *extra):
         f"data.source={phantoms}", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
         "student.names=[unet_small]", "student.roi_size=[32, 32, 32]", "teacher.roi_size=[32, 32, 32]",
         "distill.batch_size=1", "distill.warmup_steps=1",
-        "tune.trials=3", "tune.steps_per_trial=2", "tune.report_every=1", *extra,
+        "tune.trials=3", "tune.steps_per_trial=2", "tune.report_every=1", "tune.workers=1", *extra,
     ])
 
 
@@ -265,7 +265,8 @@ def test_two_workers_train_the_two_end_trials_side_by_side_in_two_processes(inpu
     assert len(pids) == 2 and str(os.getpid()) in pids, f"one trial here, one in the helper: {pids}"
     helper_log = (tmp_path / "tune" / "workers" / "worker_1.log").read_text()
     assert "worker done: 1 trial(s) run here" in helper_log, helper_log[-2000:]
-    assert yaml_threads(tmp_path / "tune" / "workers" / "config.yaml") == 1
+    assert yaml_threads(tmp_path / "tune" / "workers" / "config.yaml") == 2, "the caller's config, unchanged"
+    assert "; 1 torch thread(s)" in helper_log, "the helper's own share of the threads"
     assert not any("warning" in line for line in lines), lines
     assert summary["endpoints"]["lambda_0"] is not None and summary["endpoints"]["lambda_1"] is not None
     assert summary["trials_run_now"] == 1, "this process's own count"

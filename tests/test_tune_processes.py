@@ -18,7 +18,7 @@ OVERRIDES = [
     "data.site.source=null",
     "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu", "student.names=[unet_small]",
     "student.roi_size=[32, 32, 32]", "teacher.roi_size=[32, 32, 32]", "distill.batch_size=1",
-    "distill.warmup_steps=1", "tune.steps_per_trial=4", "tune.report_every=2",
+    "distill.warmup_steps=1", "tune.steps_per_trial=4", "tune.report_every=2", "tune.workers=1",
 ]
 
 
@@ -172,3 +172,48 @@ def test_two_workers_share_one_postgres_study_and_no_trial_runs_twice(postgres_s
     for t in finished:
         by_worker.setdefault(t.user_attrs["worker"], []).append(t.number)
     print(f"trials per worker: {by_worker}")
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_caller_takes_its_helper_worker_with_it(inputs, tmp_path):
+    """tune.workers=2 from the command: both trials start, one per process; SIGKILL the caller and the helper
+    ends too (no orphan trains on for a pipeline that is gone); a rerun finishes the study."""
+    _, data, cache_dir = inputs
+    run_dir = new_run_dir(tmp_path, data)
+    storage = f"sqlite:///{run_dir}/optuna.db"
+    cmd = tune_command(run_dir, "--cache", str(cache_dir), f"data.source={data.root}", *OVERRIDES,
+                       "tune.workers=2", "tune.trials=2", "tune.heartbeat_s=1", "tune.grace_s=3",
+                       "tune.steps_per_trial=40")
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+    def both_running():
+        study = load(storage)
+        trials = study.get_trials(deepcopy=False) if study else []
+        return sum(t.state == optuna.trial.TrialState.RUNNING and "worker" in t.user_attrs for t in trials) == 2
+
+    wait_for(both_running, first, log, timeout_s=400)
+    pids = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in load(storage).get_trials()}
+    helper = (pids - {first.pid}).pop()
+    assert first.pid in pids and _alive(helper)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    deadline = time.monotonic() + 30
+    while _alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(helper), "the helper outlived its caller"
+
+    second = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    states = [t.state for t in load(storage).get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and states.count(optuna.trial.TrialState.FAIL) == 2

@@ -203,6 +203,8 @@ def fit(
         )
 
     stream = _batch_stream(batches)
+    cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16
+    fp32_retries = 0
     # Loss and gradient norm stay on the device between log points: a host sync per step would stall
     # a GPU for nothing. Non-finite values are caught at the next log point or validation, before any
     # checkpoint is written.
@@ -219,6 +221,18 @@ def fit(
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
             scaler.scale(loss).backward()
+            if cpu_bf16 and not _grads_finite(plain):
+                # oneDNN's bf16 convolution backward on AVX512-BF16 CPUs without AMX now and then returns NaN
+                # weight gradients for finite inputs (not reproducible; docs/measurements.md, "bf16 NaN"). An
+                # optimizer step would write them into the weights, so this step is recomputed in float32.
+                optimizer.zero_grad(set_to_none=True)
+                loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
+                loss.backward()
+                fp32_retries += 1
+                if main and fp32_retries == 1:
+                    progress.write(f"fit {out_dir}: step {step + 1}: bf16 gradients not finite; recomputed in "
+                                   "float32 (MLflow train/bf16_recomputed: the share of steps so)")
+                logs = {**(logs or {}), "bf16_recomputed": 1.0}
             grad_norm = None
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
@@ -283,6 +297,9 @@ def fit(
                 segment_start = time.perf_counter()
     finally:
         progress.close()
+    if main and fp32_retries:
+        print(f"fit {out_dir}: {fp32_retries} step(s) of this session recomputed in float32 (bf16 gradients not "
+              "finite)", file=sys.stderr)
     if main and tracker is not None:
         done = result()
         tracker.log_metrics(
@@ -290,6 +307,12 @@ def fit(
             step,
         )
     return result()
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    """Whether every gradient of ``model`` is finite (a host read: meant for CPU runs)."""
+    grads = [p.grad for p in trainable_parameters(model) if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 class _Window:
