@@ -222,6 +222,8 @@ class ExportConfig:
     min_fp32_dice: float = 0.0
     onnxruntime_int8: bool = True
     dynamic_batch: bool = True  # try a dynamic batch axis first (kept only where both runtimes reproduce PyTorch)
+    # PyTorch module names kept float32 in the OpenVINO INT8 model; null: the student's (student.INT8_FP32_MODULES)
+    int8_fp32_modules: list | None = None
 
 
 @dataclass

@@ -20,7 +20,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, dynamic_batch_wor
 from export.parity import batched, logit_parity
 from student.checkpoint import load_student
 from student.complexity import describe
-from student.registry import check_roi
+from student.registry import INT8_FP32_MODULES, check_roi
 
 def _as_items(source: Any, meta: dict, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray | None]] | None:
     """Normalise a crop source (dataset folder, crops, or (crop, label) pairs) to ``(C x roi, label)`` items."""
@@ -86,6 +86,7 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
                  int8: bool = True, max_dice_drop: float = 0.01, calibration_crops: int = 8, validation_crops: int = 4,
                  overlap: float = 0.25, threads: int = 2, onnxruntime_int8: bool = True, seed: int = 0,
                  max_restore_iterations: int | None = None, min_fp32_dice: float = 0.0, dynamic_batch: bool = True,
+                 fp32_modules: Sequence[str] | None = None,
                  log=print) -> Path:
     """Export a student checkpoint to a verified deploy bundle.
 
@@ -116,6 +117,8 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
         dynamic_batch: first export with a dynamic batch axis, kept only if both runtimes reproduce PyTorch at
             batch 1 and 2 (else a second export with batch 1). False: export batch 1 at once (SwinUNETR's
             dynamic batch has been rejected on every demo run, and the ONNX export is most of this stage).
+        fp32_modules: PyTorch module names whose operations stay float32 in the OpenVINO INT8 model
+            (``export.int8.quantize_openvino``); None: the student's default (``student.INT8_FP32_MODULES``).
         log: progress printer.
 
     Returns:
@@ -130,6 +133,8 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
     check_roi(arch["name"], roi)
     in_channels, num_classes = int(arch.get("in_channels", 1)), int(arch["num_classes"])
     labels = {int(k): str(v) for k, v in meta["labels"].items()}
+    if fp32_modules is None:
+        fp32_modules = INT8_FP32_MODULES.get(arch["name"], ())
     if max(labels) + 1 != num_classes:
         raise ExportError(f"{student_ckpt}: labels {labels} do not match num_classes {num_classes}")
 
@@ -194,7 +199,7 @@ def build_bundle(student_ckpt: str | Path, out_dir: str | Path, calibration: Any
                 f"max Dice drop {max_dice_drop})")
             q_model, ov_report = quantize_openvino(ov_model, [c for c, _ in calib_items], val_items, num_classes,
                                                    max_dice_drop, max_restore_iterations=max_restore_iterations,
-                                                   min_fp32_dice=min_fp32_dice)
+                                                   min_fp32_dice=min_fp32_dice, fp32_modules=fp32_modules)
             int8_report["openvino"] = ov_report
             if not ov_report["enforced"]:
                 log(f"[export] OpenVINO INT8 without accuracy control: {ov_report['not_enforced_because']} "

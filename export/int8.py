@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from export.errors import ExportError
 from export.parity import foreground_dice, logit_parity
 
 ValidationItem = tuple[np.ndarray, "np.ndarray | None"]
@@ -54,7 +55,7 @@ def dice_metric(num_classes: int, reference_labels: Sequence[np.ndarray]):
 def quantize_openvino(model, calibration: Sequence[np.ndarray], validation: Sequence[ValidationItem], num_classes: int,
                       max_drop: float = 0.01, ranking_subset_size: int | None = None,
                       max_restore_iterations: int | None = None,
-                      min_fp32_dice: float = 0.0) -> tuple[Any, dict[str, Any]]:
+                      min_fp32_dice: float = 0.0, fp32_modules: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
     """Quantise an OpenVINO FP32 model to INT8 with accuracy control.
 
     Accuracy control needs a metric with signal. When the validation crops have labels and the FP32 model's
@@ -74,6 +75,9 @@ def quantize_openvino(model, calibration: Sequence[np.ndarray], validation: Sequ
             within bound); each costs one compile and one validation pass.
         min_fp32_dice: below this FP32 Dice against labels the bound is not enforced (see above); 0 always
             enforces it.
+        fp32_modules: PyTorch module names (prefixes, e.g. ``decoder2.conv_block``) whose operations stay in
+            float32: NNCF's ignored scope, found through the weight names the ONNX export keeps
+            (:func:`ops_of_modules`).
 
     Returns:
         ``(INT8 ov.Model, report)`` with ``fp32_dice``, ``int8_dice``, ``dice_drop``, ``within_bound``,
@@ -91,12 +95,16 @@ def quantize_openvino(model, calibration: Sequence[np.ndarray], validation: Sequ
     targets = [label if with_labels else logits[0].argmax(0) for (_, label), logits in zip(validation, fp32_logits)]
     validate = dice_metric(num_classes, targets)
     calib = nncf.Dataset([np.ascontiguousarray(x[None], np.float32) for x in calibration])
+    kept = ops_of_modules(model, fp32_modules)
+    scope = {"ignored_scope": nncf.IgnoredScope(names=kept)} if kept else {}
     fp32_dice, _ = validate(fp32, val_inputs)
     report = {"calibration_crops": len(calibration), "max_drop": float(max_drop), "fp32_dice": fp32_dice,
+              "fp32_modules": list(fp32_modules), "fp32_ops": kept,
               "metric": "mean foreground Dice vs " + ("labels" if with_labels else "the FP32 model's argmax")}
     report.update(_enforcement(fp32_dice, with_labels, min_fp32_dice))
     if not report["enforced"]:
-        quantized = nncf.quantize(model, calib, subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER)
+        quantized = nncf.quantize(model, calib, subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                                  **scope)
         report.update(method="nncf.quantize", nncf_log=[])
     else:
         # NNCF reports the initial drop and what it reverted only in its log; keep those lines for the report.
@@ -113,6 +121,7 @@ def quantize_openvino(model, calibration: Sequence[np.ndarray], validation: Sequ
                 drop_type=nncf.DropType.ABSOLUTE,
                 subset_size=len(calibration),
                 model_type=nncf.ModelType.TRANSFORMER,
+                **scope,
                 advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
                     ranking_subset_size=ranking_subset_size, num_ranking_workers=1,
                     **({} if max_restore_iterations is None else {"max_num_iterations": int(max_restore_iterations)}),
@@ -138,6 +147,32 @@ def quantize_openvino(model, calibration: Sequence[np.ndarray], validation: Sequ
         seconds=time.perf_counter() - start,
     )
     return quantized, report
+
+
+def ops_of_modules(model: Any, modules: Sequence[str]) -> list[str]:
+    """Names of the OpenVINO operations whose weights belong to ``modules`` (PyTorch module-name prefixes).
+
+    The ONNX export keeps each parameter's name on its initializer (``decoder2.conv_block.conv1.conv.weight``),
+    and OpenVINO on the constant; an operation is matched through its weight input (past converts).
+    A prefix that matches no operation is an error: a renamed module must not silently quantise everything.
+    """
+    if not modules:
+        return []
+    found: dict[str, list[str]] = {m: [] for m in modules}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul") or op.get_input_size() < 2:
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() != "Constant" and node.get_input_size():
+            node = node.input_value(0).get_node()
+        weight = node.get_friendly_name()
+        for m in modules:
+            if weight == m or weight.startswith(m + "."):
+                found[m].append(op.get_friendly_name())
+    missing = [m for m, ops in found.items() if not ops]
+    if missing:
+        raise ExportError(f"export.int8_fp32_modules: no operation of the exported model has weights under {missing}")
+    return sorted({name for ops in found.values() for name in ops})
 
 
 class _LogLines(logging.Handler):

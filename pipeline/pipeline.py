@@ -384,6 +384,7 @@ class Pipeline:
                                       max_restore_iterations=ecfg["max_restore_iterations"],
                                       min_fp32_dice=float(ecfg["min_fp32_dice"]),
                                       dynamic_batch=bool(ecfg["dynamic_batch"]),
+                                      fp32_modules=ecfg["int8_fp32_modules"],
                                       onnxruntime_int8=bool(ecfg["onnxruntime_int8"]),
                                       overlap=float(self.cfg["evaluation"]["overlap"]),
                                       threads=int(self.cfg["run"]["threads"] or 2),

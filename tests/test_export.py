@@ -47,6 +47,20 @@ def test_swinunetr_tiny_exports_with_logit_parity_on_onnxruntime_and_openvino(ph
     assert sorted(meta["files"]) == ["model.onnx", "openvino/model_fp32.bin", "openvino/model_fp32.xml"]
     assert meta["models"]["openvino"]["fp32"] == "openvino/model_fp32.xml" and "int8" not in meta["models"]["openvino"]
 
+    # The INT8 export's float32 modules (student.INT8_FP32_MODULES) are found in the IR by their weights' names.
+    import openvino as ov
+
+    from export.int8 import ops_of_modules
+    from student import INT8_FP32_MODULES
+
+    ir = ov.Core().read_model(str(bundle / "openvino" / "model_fp32.xml"))
+    kept = ops_of_modules(ir, INT8_FP32_MODULES["swinunetr_tiny"])
+    assert len(kept) == 2
+    assert {ir_op.get_type_name() for ir_op in ir.get_ordered_ops() if ir_op.get_friendly_name() in kept} == {"Convolution"}
+    assert len(ops_of_modules(ir, ["decoder2"])) > 2, "a prefix takes the whole module"
+    with pytest.raises(ValueError, match=r"no operation .* under \['decoder9.conv'\]"):
+        ops_of_modules(ir, ["decoder2.conv_block.conv1", "decoder9.conv"])
+
 
 def test_int8_accuracy_control_keeps_the_dice_drop_within_bound(phantom_dataset, tmp_path):
     ckpt = _student(tmp_path / "student.pt", "unet_small", [32, 32, 32], phantom_dataset)
