@@ -1,9 +1,9 @@
 """Trials side by side on one machine: the λ search's helper worker processes (``tune.workers``).
 
-On a CPU a batch-1 SwinUNETR-tiny step hardly uses a second core: 0.535 s/step at 2 threads against 0.595 s at 1
-(AMD EPYC capped to AVX2, ``python -m benchmarks.train_step --threads N``), while two 1-thread processes side by
-side stepped at 0.51 and 0.64 s each. So ``tune.workers: 2`` on 2 cores trains two trials at once, one thread
-each, instead of one after the other at two: docs/measurements.md has the whole-stage figures.
+On a CPU a batch-1 SwinUNETR-tiny training step does not use a second core well: a demo trial stepped at 0.314 s
+at 2 threads and 0.513 s at 1 with another trial beside it (AMD EPYC capped to AVX2). So ``tune.workers: 2`` on 2
+cores trains two trials at once, one thread each, instead of one after the other at two: the demo's λ search took
+235 s instead of 283 (1.20x; docs/measurements.md).
 
 The helpers are ordinary ``python -m distill.tune --worker`` processes on the study the caller created (the same
 command a user starts by hand on other machines; docs/tuning.md), each with ``threads // workers`` torch threads,
