@@ -224,4 +224,5 @@ class KDLoss(nn.Module):
         if not loss.requires_grad and student_logits.requires_grad:
             # A batch with nothing to learn (e.g. λ = 0 and no labelled case) still backpropagates zeros.
             loss = loss + 0.0 * student_logits.sum()
-        return loss, {"kd": float(kd.detach()), "sup": float(sup.detach())}
+        # Tensors, not floats: a float() here would wait for a GPU every step; fit averages them on the device.
+        return loss, {"kd": kd.detach(), "sup": sup.detach()}

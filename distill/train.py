@@ -245,7 +245,7 @@ def train_student(
         kd_mask = as_plain_tensor(batch["inside"]).to(device, non_blocking=True) if inside_key else None
         loss, logs = kd_loss(student_logits.float(), teacher_logits, label, has_label, kd_mask)
         # The share of labelled crops (train/labelled in MLflow): constant, or following distill.labelled_fraction_end.
-        return loss, {**logs, "labelled": float(has_label.float().mean())}
+        return loss, {**logs, "labelled": has_label.float().mean()}
 
     overlap = float(cfg["evaluation"]["overlap"])
 

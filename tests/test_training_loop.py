@@ -227,3 +227,15 @@ def test_loss_fn_with_a_wrong_return_type_is_named(tmp_path):
         fit(new_model(), lambda m, b: [m(b["image"]).mean()], random_batches(), settings(steps=2), tmp_path)
     bare = fit(new_model(), lambda m, b: loss_fn(m, b)[0], random_batches(), settings(steps=2), tmp_path / "bare")
     assert bare.last_step == 2
+
+
+def test_logged_values_may_be_device_tensors_and_are_averaged_at_the_flush():
+    """A loss_fn may log 0-d tensors (KDLoss's kd/sup, the sampler's labelled share): the window sums them where
+    they are and reads them once per flush, so a GPU is not waited for every step."""
+    from training.loop import _Window
+
+    window = _Window(torch.device("cpu"))
+    window.add(torch.tensor(1.0), logs={"kd": torch.tensor(0.5), "share": 1.0})
+    window.add(torch.tensor(3.0), logs={"kd": torch.tensor(1.5, dtype=torch.bfloat16), "share": 0.0})
+    assert isinstance(window.floats["kd"], torch.Tensor), "kept as a tensor until the flush"
+    assert window.flush(2, "run") == {"loss": 2.0, "kd": 1.0, "share": 0.5}

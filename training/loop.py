@@ -48,7 +48,7 @@ from training.settings import TrainSettings  # also imported from here by the st
 if TYPE_CHECKING:
     from training.tracking import Tracker
 
-LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float]]"]
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]"]  # logs: floats or 0-d tensors
 ValFn = Callable[[nn.Module], Mapping[str, float]]
 
 
@@ -325,11 +325,11 @@ class _Window:
     def _reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.grad_norm: torch.Tensor | None = None
-        self.floats: dict[str, float] = {}
+        self.floats: dict[str, float | torch.Tensor] = {}  # a tensor value stays on its device until the flush
         self.count = 0
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None, lr: float | None = None,
-            logs: Mapping[str, float] | None = None) -> None:
+            logs: Mapping[str, float | torch.Tensor] | None = None) -> None:
         self.loss = self.loss + loss.detach().float()
         if grad_norm is not None:
             norm = grad_norm.detach().float()
@@ -338,7 +338,8 @@ class _Window:
         if lr is not None:
             values["lr"] = lr
         for k, v in values.items():
-            self.floats[k] = self.floats.get(k, 0.0) + float(v)
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self.floats[k] = self.floats.get(k, 0.0) + v
         self.count += 1
 
     def flush(self, step: int, source: Path) -> dict[str, float]:
@@ -350,7 +351,7 @@ class _Window:
             raise FloatingPointError(
                 f"training loss became {loss} within steps {first}-{step} ({source}); lower lr or check the data"
             )
-        means = {"loss": loss, **{k: v / n for k, v in self.floats.items()}}
+        means = {"loss": loss, **{k: float(v) / n for k, v in self.floats.items()}}
         if self.grad_norm is not None:
             means["grad_norm"] = float(self.grad_norm) / n
         self._reset()
@@ -396,7 +397,7 @@ def _validate(model: nn.Module, val_fn: ValFn | None, step: int) -> dict[str, fl
     return metrics
 
 
-def _unpack_loss(out: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]]:
+def _unpack_loss(out: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]:
     if isinstance(out, torch.Tensor):
         return out, {}
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor) and isinstance(out[1], Mapping):
