@@ -137,6 +137,10 @@ class LocalWorkers:
                 continue
             if code != 0:
                 problems.append(f"helper worker {k} exited with {code}; its log: {path}\n{_tail(path)}")
+            else:  # what the helper's trials came to, in the caller's log beside its own trials
+                for line in _read(path).splitlines():
+                    if line.startswith("[tune] trial ") and ": Dice " in line:
+                        self.log(f"{line} (helper worker {k})")
         return problems
 
     def stop(self) -> None:
@@ -163,8 +167,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def _read(path: Path) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(_read(path).splitlines()[-lines:])

@@ -268,6 +268,11 @@ def test_two_workers_train_the_two_end_trials_side_by_side_in_two_processes(inpu
     assert yaml_threads(tmp_path / "tune" / "workers" / "config.yaml") == 2, "the caller's config, unchanged"
     assert "; 1 torch thread(s)" in helper_log, "the helper's own share of the threads"
     assert not any("warning" in line for line in lines), lines
+    relayed = [line for line in helper_log.splitlines() if line.startswith("[tune] trial ") and ": Dice " in line]
+    assert [line for line in lines if line.endswith(" (helper worker 1)")] == [f"{r} (helper worker 1)" for r in relayed]
+    assert len([line for line in lines if line.startswith("[tune] trial ") and ": Dice " in line]) == 2, \
+        "both trials' Dice in the caller's log"
+
     assert summary["endpoints"]["lambda_0"] is not None and summary["endpoints"]["lambda_1"] is not None
     assert summary["trials_run_now"] == 1, "this process's own count"
 
