@@ -172,13 +172,17 @@ class TrialObjective:
                                resume_key=f"tune:{study_name}:trial:{trial.number}", tags=tags):
             tracker.log_params({"trial": trial.number, **params, "out_dir": str(out_dir)})
             uses_teacher = lam > 0
-            result = train_student(
-                self.trial_config(params), self.run_dir, student, lam,
-                teacher_ckpt=self.teacher_ckpt if uses_teacher else None,
-                cache_dir=self.cache_dir if uses_teacher else None,
-                tracker=tracker, on_validation=on_validation, out_dir=out_dir,
-                steps=self.settings.steps_per_trial, data=self.data, progress=False,
-            )
+            try:
+                result = train_student(
+                    self.trial_config(params), self.run_dir, student, lam,
+                    teacher_ckpt=self.teacher_ckpt if uses_teacher else None,
+                    cache_dir=self.cache_dir if uses_teacher else None,
+                    tracker=tracker, on_validation=on_validation, out_dir=out_dir,
+                    steps=self.settings.steps_per_trial, data=self.data, progress=False,
+                )
+            except KeyboardInterrupt:
+                _requeue_interrupted(trial, self.log)
+                raise
             trial.set_user_attr("best_dice", float(result.best_dice))
             trial.set_user_attr("checkpoint", result.checkpoint)
             trial.set_user_attr("seconds_per_step", float(result.seconds_per_step))
@@ -191,6 +195,20 @@ class TrialObjective:
         self.log(f"[tune] trial {trial.number}: Dice {result.best_dice:.4f}"
                  + (f", latency {outcome['tune/latency_ms']:.1f} ms" if multi else ""))
         return (float(result.best_dice), outcome["tune/latency_ms"]) if multi else float(result.best_dice)
+
+
+def _requeue_interrupted(trial: optuna.Trial, log: Callable[[str], None]) -> None:
+    """Ctrl-C: Optuna records the trial FAIL and would never run it again, so a rerun would sample new λ values
+    in place of an interrupted λ = 0 or λ = 1. Queue a copy now, as a dead worker's trial is queued (same
+    parameters, its curve, its folder, so it resumes from ``last.pt``); a user's interrupt is not counted
+    against ``tune.max_retry``."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=None, inherit_intermediate_values=True)(trial.study, frozen)
+    log(f"[tune] trial {trial.number} interrupted; queued again, a rerun resumes it from its last checkpoint")
 
 
 def run_worker(

@@ -217,3 +217,38 @@ def test_a_killed_caller_takes_its_helper_worker_with_it(inputs, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     states = [t.state for t in load(storage).get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and states.count(optuna.trial.TrialState.FAIL) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_queues_the_interrupted_trials_again_and_a_rerun_resumes_them(inputs, tmp_path):
+    """Ctrl-C (SIGINT to the foreground group: the caller and its helper) during the two end trials: Optuna records
+    them FAIL, and without a copy queued a rerun sampled new λ values in their place (seen: 0.549 and 0.544 instead
+    of 0 and 1). Each is queued again with its λ and resumes from its last checkpoint."""
+    _, data, cache_dir = inputs
+    run_dir = new_run_dir(tmp_path, data)
+    storage = f"sqlite:///{run_dir}/optuna.db"
+    cmd = tune_command(run_dir, "--cache", str(cache_dir), f"data.source={data.root}", *OVERRIDES,
+                       "tune.workers=2", "tune.trials=2", "tune.steps_per_trial=16")
+    log = tmp_path / "first.log"
+    first = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+
+    def both_reported():  # both trials running and past their first validation (a last.pt to resume from)
+        study = load(storage)
+        trials = study.get_trials(deepcopy=False) if study else []
+        return sum(t.state == optuna.trial.TrialState.RUNNING and bool(t.intermediate_values) for t in trials) == 2
+
+    wait_for(both_reported, first, log, timeout_s=400)
+    os.killpg(first.pid, signal.SIGINT)
+    first.wait(timeout=120)
+    trials = load(storage).get_trials()
+    failed = {t.user_attrs["lambda_kd"] for t in trials if t.state == optuna.trial.TrialState.FAIL}
+    queued = {t.user_attrs["lambda_kd"] for t in trials if t.state == optuna.trial.TrialState.WAITING}
+    assert failed == queued == {0.0, 1.0}, [(t.number, t.state, t.user_attrs.get("lambda_kd")) for t in trials]
+
+    second = subprocess.run(cmd, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    done = [t for t in load(storage).get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["lambda_kd"] for t in done) == [0.0, 1.0], "the ends are measured, not replaced"
+    helper_log = (run_dir / "tune" / "workers" / "worker_1.log").read_text()
+    assert (second.stdout + second.stderr + helper_log).count("resumed at step") == 2
