@@ -228,11 +228,13 @@ def test_ctrl_c_queues_the_interrupted_trials_again_and_a_rerun_resumes_them(inp
     run_dir = new_run_dir(tmp_path, data)
     storage = f"sqlite:///{run_dir}/optuna.db"
     cmd = tune_command(run_dir, "--cache", str(cache_dir), f"data.source={data.root}", *OVERRIDES,
-                       "tune.workers=2", "tune.trials=2", "tune.steps_per_trial=16")
+                       "tune.workers=2", "tune.trials=2", "tune.steps_per_trial=40")
     log = tmp_path / "first.log"
     first = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
 
+    # 40-step trials: after both first reports (step 2) ~38 steps are left for the interrupt to land in; with 16 a
+    # loaded CI machine finished both trials first once.
     def both_reported():  # both trials running and past their first validation (a last.pt to resume from)
         study = load(storage)
         trials = study.get_trials(deepcopy=False) if study else []
