@@ -230,8 +230,11 @@ def test_ctrl_c_queues_the_interrupted_trials_again_and_a_rerun_resumes_them(inp
     cmd = tune_command(run_dir, "--cache", str(cache_dir), f"data.source={data.root}", *OVERRIDES,
                        "tune.workers=2", "tune.trials=2", "tune.steps_per_trial=40")
     log = tmp_path / "first.log"
+    # SIGINT back to its default in the child: a test run started in the background by a non-interactive shell
+    # (`nohup make test &`, some CI runners) inherits SIGINT ignored, Python then installs no KeyboardInterrupt
+    # handler, and the trials ran to the end (the test failed so in two fresh-clone runs, and passes so since).
     first = subprocess.Popen(cmd, cwd=ROOT, env=environment(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     # 40-step trials: after both first reports (step 2) ~38 steps are left for the interrupt to land in; with 16 a
     # loaded CI machine finished both trials first once.
