@@ -187,7 +187,8 @@ class _NaNGradUnderBf16(torch.autograd.Function):
         return grad * float("nan") if ctx.bf16 else grad
 
 
-def test_a_bf16_step_with_non_finite_gradients_is_recomputed_in_float32(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("grad_clip", [1.0, None])  # the check reads clipping's norm, or measures one without it
+def test_a_bf16_step_with_non_finite_gradients_is_recomputed_in_float32(tmp_path, monkeypatch, capsys, grad_clip):
     import training.precision
 
     monkeypatch.setattr(training.precision, "cpu_has_native_bf16", lambda: True)  # autocast bf16 on any CPU
@@ -202,7 +203,7 @@ def test_a_bf16_step_with_non_finite_gradients_is_recomputed_in_float32(tmp_path
         return loss, logs
 
     model = new_model()
-    result = fit(model, faulty, random_batches(), settings(steps=8, val_every=4, amp="bf16"), tmp_path,
+    result = fit(model, faulty, random_batches(), settings(steps=8, val_every=4, amp="bf16", grad_clip=grad_clip), tmp_path,
                  val_fn=make_val_fn())
     assert calls == [True, True, True, False, True, True, False, True, True, True], calls  # 8 steps, 2 recomputed
     assert all(torch.isfinite(p).all() for p in model.parameters())

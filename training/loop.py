@@ -204,7 +204,7 @@ def fit(
 
     stream = _batch_stream(batches)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16
-    fp32_retries = 0
+    bf16_recomputed = 0  # CPU bf16 steps recomputed in float32
     # Loss and gradient norm stay on the device between log points: a host sync per step would stall
     # a GPU for nothing. Non-finite values are caught at the next log point or validation, before any
     # checkpoint is written.
@@ -221,22 +221,23 @@ def fit(
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
             scaler.scale(loss).backward()
-            if cpu_bf16 and not _grads_finite(plain):
-                # oneDNN's bf16 convolution backward on AVX512-BF16 CPUs without AMX now and then returns NaN
-                # weight gradients for finite inputs (not reproducible; docs/measurements.md, "bf16 NaN"). An
-                # optimizer step would write them into the weights, so this step is recomputed in float32.
+            # Under CPU bf16 the GradScaler is off (float16 only), so unscaling twice in a recomputed step is a no-op.
+            norm = _clipped_norm(plain, optimizer, scaler, cfg.grad_clip, measure=cpu_bf16)
+            if cpu_bf16 and not torch.isfinite(norm):
+                # oneDNN's bf16 convolution backward on AVX512-BF16 CPUs without AMX returns garbage weight
+                # gradients (up to 1e36, now and then NaN) where a kernel overhangs its input; training/slab_conv.py
+                # computes those calls in float32, and any other non-finite step is recomputed in float32 here,
+                # before the optimizer writes it into the weights (docs/measurements.md, "the bf16 NaN found").
                 optimizer.zero_grad(set_to_none=True)
                 loss, logs = _unpack_loss(loss_fn(net, batch), step + 1)
                 loss.backward()
-                fp32_retries += 1
-                if main and fp32_retries == 1:
+                norm = _clipped_norm(plain, optimizer, scaler, cfg.grad_clip, measure=False)
+                bf16_recomputed += 1
+                if main and bf16_recomputed == 1:
                     progress.write(f"fit {out_dir}: step {step + 1}: bf16 gradients not finite; recomputed in "
                                    "float32 (MLflow train/bf16_recomputed: the share of steps so)")
                 logs = {**(logs or {}), "bf16_recomputed": 1.0}
-            grad_norm = None
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable_parameters(plain)), cfg.grad_clip)
+            grad_norm = norm if cfg.grad_clip else None  # logged only where clipping computes it
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -297,8 +298,8 @@ def fit(
                 segment_start = time.perf_counter()
     finally:
         progress.close()
-    if main and fp32_retries:
-        print(f"fit {out_dir}: {fp32_retries} step(s) of this session recomputed in float32 (bf16 gradients not "
+    if main and bf16_recomputed:
+        print(f"fit {out_dir}: {bf16_recomputed} step(s) of this session recomputed in float32 (bf16 gradients not "
               "finite)", file=sys.stderr)
     if main and tracker is not None:
         done = result()
@@ -309,10 +310,17 @@ def fit(
     return result()
 
 
-def _grads_finite(model: nn.Module) -> bool:
-    """Whether every gradient of ``model`` is finite (a host read: meant for CPU runs)."""
+def _clipped_norm(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, max_norm: float | None,
+                  measure: bool) -> torch.Tensor | None:
+    """The gradients' global norm, clipped to ``max_norm`` when it is set (the norm clipping computes anyway);
+    without clipping, measured only when ``measure`` (the CPU bf16 finiteness check), else None."""
+    if max_norm:
+        scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(list(trainable_parameters(model)), max_norm)
+    if not measure:
+        return None
     grads = [p.grad for p in trainable_parameters(model) if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 class _Window:
