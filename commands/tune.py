@@ -61,15 +61,13 @@ def main(argv: Sequence[str] | None = None) -> dict | int | None:
         cfg = apply_overrides(cfg, [f"tune.storage={args.storage}"], strict=False)
     run_dir = Path(args.run_dir or Path("runs") / str(cfg["run"]["name"])).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite storage lives in it ("unable to open" otherwise)
+    import torch
+
     threads = args.threads or cfg["run"]["threads"]
     if threads:
-        import torch
-
         torch.set_num_threads(int(threads))
     tracker = Tracker(run_dir, experiment=args.experiment or str(cfg["run"]["name"]), enabled=not args.no_tracking,
                       tracking_uri=args.tracking_uri)
-    import torch
-
     print(f"[tune] config {args.config} {' '.join(args.overrides)}; run folder {run_dir}; "
           f"{torch.get_num_threads()} torch thread(s)")
 

@@ -391,9 +391,9 @@ def _work_beside_helpers(cfg: Mapping[str, Any], run_dir: str | Path, data: Prep
     workers = LocalWorkers(cfg, Path(run_dir), storage, study.study_name, helpers, each, data_file,
                            Path(cache_dir) if cache_dir is not None else None,
                            tracker.tracking_uri if tracker.enabled else None, tracker.experiment, log)
-    workers.start()
-    torch.set_num_threads(each)
-    try:
+    try:  # the helpers are stopped if this process fails or is interrupted, even while they start
+        workers.start()
+        torch.set_num_threads(each)
         ran = run_worker(cfg, run_dir, data, cache_dir, teacher_ckpt, tracker, study=study, log=log)
     except BaseException:
         workers.stop()

@@ -40,7 +40,7 @@ class LocalWorkers:
     """``count`` helper worker processes on one study, started by :meth:`start`, joined by :meth:`join`.
 
     Args:
-        cfg: the run config (written for the helpers with ``run.threads`` set to ``threads``).
+        cfg: the run config, written for the helpers as it is (their torch threads are ``--threads``).
         run_dir: run folder (the helpers' ``--run-dir``; logs go to ``tune/workers/``).
         storage: the study's storage URL.
         study_name: the study.
@@ -116,7 +116,7 @@ class LocalWorkers:
                 if proc.poll() is not None:
                     self.stop()
                     raise TuneError(f"helper worker {k} exited with {proc.returncode} before it took a trial; "
-                                       f"its log: {path}\n{_tail(path)}")
+                                    f"its log: {path}\n{_tail(path)}")
             time.sleep(0.2)
 
     def join(self, timeout_s: float = 120.0) -> list[str]:
