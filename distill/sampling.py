@@ -8,10 +8,7 @@ those steps on the labelled cases instead, while the early steps, where λ is hi
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
-from torch.utils.data import Sampler
 
 
 class SamplingError(ValueError):
@@ -26,16 +23,13 @@ def check_share(name: str, value: float, allow_one: bool) -> float:
     return f
 
 
-class LabelledShareSampler(Sampler[int]):
-    """An endless stream of case indices; labelled cases come first (indices ``0 .. labelled - 1``).
+class LabelledShareSampler:
+    """Which cases a batch holds; labelled cases come first (indices ``0 .. labelled - 1``).
 
     Each draw picks a labelled case with probability ``share(step)`` (linear from ``start`` at step 0 to ``end`` at
-    ``steps``), then a case uniformly within its group. ``step`` is set by the training loop's ``on_step`` before each
-    batch is drawn, so a resumed run draws with the share of the step it resumes at. The draws use torch's global
-    RNG, which ``training.loop.fit`` seeds; on resume they restart like the crops themselves (MONAI's DataLoader
-    reseeds the global generator to its initial seed when the loader is rebuilt), so a resumed run is alike to an
-    uninterrupted one, not identical. With ``num_workers > 0`` the workers prefetch, so a batch may be drawn with
-    the share of a few steps earlier.
+    ``steps``), then a case uniformly within its group. ``training.batches.CropBatches`` calls ``draw`` with the
+    batch's step and a generator seeded for that step, so a resumed run draws what an uninterrupted one draws, and a
+    loader worker computing a batch ahead draws it with its own step's share.
 
     Args:
         labelled: number of labelled cases (>= 1).
@@ -52,18 +46,18 @@ class LabelledShareSampler(Sampler[int]):
         self.start = check_share("labelled_fraction", start, allow_one=False)
         self.end = check_share("labelled_fraction_end", end, allow_one=True)
         self.steps = max(int(steps), 1)
-        self.step = 0
 
     def share(self, step: int) -> float:
         t = min(max(step / self.steps, 0.0), 1.0)
         return self.start + (self.end - self.start) * t
 
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            if float(torch.rand(())) < self.share(self.step):
-                yield int(torch.randint(self.labelled, ()))
+    def draw(self, generator: torch.Generator, step: int, count: int) -> list[int]:
+        """``count`` case indices for batch ``step``, drawn with ``generator``."""
+        share = self.share(step)
+        out = []
+        for _ in range(count):
+            if float(torch.rand((), generator=generator)) < share:
+                out.append(int(torch.randint(self.labelled, (), generator=generator)))
             else:
-                yield self.labelled + int(torch.randint(self.unlabelled, ()))
-
-    def __len__(self) -> int:  # one pass's worth of draws; the stream itself never ends
-        return self.labelled + self.unlabelled
+                out.append(self.labelled + int(torch.randint(self.unlabelled, (), generator=generator)))
+        return out

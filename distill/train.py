@@ -228,8 +228,6 @@ def train_student(
 
     def on_step(step: int) -> None:
         kd_loss.lambda_kd = lambda_at(lambda_kd, step, settings.steps, lambda_schedule, end_ratio)
-        if share_sampler is not None:
-            share_sampler.step = step
 
     def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         image = as_plain_tensor(batch["image"]).to(device, non_blocking=True)

@@ -17,8 +17,8 @@ validation split picks its checkpoint, and the evaluation stage's code scores it
 result is ``<run>/regimes/regimes.json``, a Markdown table (``regimes.md``) and validation Dice against training
 minutes for every run (``regimes_curves.png``). A finished (variant, steps) is not trained again; under a constant
 learning rate and a constant λ a longer budget continues the variant's run from its ``last.pt`` (the rate and λ
-are then those of a run trained for the longer budget from the start; the crop stream restarts, so the two runs
-are alike, not identical) and is recorded beside the shorter one; under a decaying rate or λ (which depend on the
+are then those of a run trained for the longer budget from the start, and so are its crops: batch k is drawn from
+the seed and k, ``training.batches``) and is recorded beside the shorter one; under a decaying rate or λ (which depend on the
 budget) each budget trains from the start in its own folder.
 
 The data, teacher and cache are the pipeline's stages of the same run folder, so a teacher given with

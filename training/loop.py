@@ -103,7 +103,9 @@ def fit(
             scalar tensor, ``logs`` a dict of floats averaged into the tracker's ``train/*`` metrics
             (a bare loss tensor is accepted too). Runs under autocast when AMP is on.
         batches: an endless iterator of batches (tensors, or dicts/tuples of them). A finite re-iterable
-            (e.g. a DataLoader) is restarted when exhausted.
+            (e.g. a DataLoader) is restarted when exhausted. An object with ``start(seed, step)``
+            (``training.batches.crop_batches``) is started at the run's per-rank seed and its first step, so a
+            resumed run draws the batches an uninterrupted one draws.
         cfg: training settings.
         out_dir: folder of ``last.pt`` and ``best.pt``.
         val_fn: ``val_fn(model) -> {"dice": float, ...}`` on the unwrapped model in eval mode under
@@ -111,8 +113,7 @@ def fit(
         extra_meta: stage metadata saved in the checkpoints (``config``, ``labels``, ``arch`` ...); on
             resume every key but ``config`` must match what ``last.pt`` holds.
         on_step: ``on_step(step)`` before each step's batch is drawn, with the steps already taken (0-based, the
-            resumed step after a resume), for losses and samplers that follow the step (``distill.lambda_schedule``,
-            ``distill.labelled_fraction_end``).
+            resumed step after a resume), for losses that follow the step (``distill.lambda_schedule``).
         on_validation: ``on_validation(step, metrics)`` after each validation, once ``last.pt`` is written,
             on every rank; an exception it raises (``optuna.TrialPruned``) propagates.
         tracker: a :class:`training.tracking.Tracker` inside an open run, or None.
@@ -202,7 +203,10 @@ def fit(
             + (f", resumed at step {step}" if resumed_from is not None else "")
         )
 
-    stream = _batch_stream(batches)
+    # A stream that draws batch k from (seed, k) (training.batches.CropBatches) starts at this step: a resumed run
+    # gets the batches an uninterrupted one would have; any other iterable draws as it will.
+    start = getattr(batches, "start", None)
+    stream = start(rank_seed(cfg.seed), step) if callable(start) else _batch_stream(batches)
     cpu_bf16 = device.type == "cpu" and amp_dtype == torch.bfloat16
     bf16_recomputed = 0  # CPU bf16 steps recomputed in float32
     # Loss and gradient norm stay on the device between log points: a host sync per step would stall
@@ -215,7 +219,7 @@ def fit(
     segment_start = time.perf_counter()  # training time excludes validation and checkpointing
     try:
         while step < cfg.steps:
-            if on_step is not None:  # before the batch is drawn: a sampler may depend on the step
+            if on_step is not None:  # before the step: a loss may follow it (λ schedule)
                 on_step(step)
             batch = _to_device(next(stream), device, memory_format)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
