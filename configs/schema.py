@@ -135,7 +135,7 @@ class DistillConfig:
     # constant: λ all along | linear: from λ down to lambda_end_ratio·λ, imitation first and the labels at the end (distill/loss.py)
     lambda_schedule: str = "constant"
     lambda_end_ratio: float = 0.0  # linear: λ falls to this fraction of itself (0: to the labels alone)
-    kd_target: str = "logits"  # logits | probs
+    kd_target: str = "logits"  # logits | probs | sqrt_probs
     temperature: float = 1.0
     pseudo_labels: bool = False
     kd_weighting: str = "uniform"  # uniform | class_balanced

@@ -97,8 +97,8 @@ class TuneSettings:
                     or not 0.0 < float(lo_hi[0]) < float(lo_hi[1])):
                 raise TuneError(f"tune.{key} must be [low, high] with 0 < low < high, got {lo_hi!r}")
             setattr(s, key, [float(lo_hi[0]), float(lo_hi[1])])
-        if s.search_temperature and str(cfg.get("distill", {}).get("kd_target", DistillConfig.kd_target)) != "probs":
-            raise TuneError("tune.search_temperature=true needs distill.kd_target=probs "
+        if s.search_temperature and str(cfg.get("distill", {}).get("kd_target", DistillConfig.kd_target)) == "logits":
+            raise TuneError("tune.search_temperature=true needs distill.kd_target=probs or sqrt_probs "
                             "(the logit form of the KD loss has no temperature)")
         if s.students is not None and (not isinstance(s.students, (list, tuple)) or not s.students):
             raise TuneError(f"tune.students must be a non-empty list of student names or null, got {s.students!r}")

@@ -62,6 +62,11 @@ VARIANTS: dict[str, tuple[float, dict[str, Any]]] = {
     # (distill/sampling.py), so the late steps, where an unlabelled crop carries almost no loss, go to the labels.
     "kd_l1_linear_share": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
                                  "labelled_fraction_end": 1.0, "lambda_schedule": "linear"}),
+    # The demo's loss with the MSE on square roots of the probabilities (distill/loss.py: a missed class's gradient
+    # does not fade like its probability).
+    "kd_l1_linear_share_sqrt": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
+                                      "labelled_fraction_end": 1.0, "lambda_schedule": "linear",
+                                      "kd_target": "sqrt_probs"}),
     # The demo's loss with the teacher's argmax as the label of unlabelled cases (validation 0.718 against 0.720).
     "kd_l1_linear_pseudo": (1.0, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
                                   "labelled_fraction_end": None, "lambda_schedule": "linear"}),

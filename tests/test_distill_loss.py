@@ -59,6 +59,23 @@ def test_probability_target_uses_temperature_and_t_squared():
     assert unscaled["kd"] == pytest.approx(mse, rel=1e-6)
 
 
+def test_square_root_target_matches_hand_computation_and_keeps_the_gradient_of_a_missed_class():
+    s, t, y = tiny_batch(seed=2)
+    T = 2.0
+    mse = ((np.sqrt(np_softmax(s / T) + 1e-6) - np.sqrt(np_softmax(t / T) + 1e-6)) ** 2).mean()
+    _, parts = KDLoss(lambda_kd=1.0, kd_target="sqrt_probs", temperature=T)(as_t(s), as_t(t), None)
+    assert parts["kd"] == pytest.approx(T * T * mse, rel=1e-6)
+    # One voxel, two classes: the teacher says class 1 at q = 0.5 (T = 2), the student misses it (p ~ 0.001).
+    teacher = torch.tensor([0.0, 0.0], dtype=torch.float64).reshape(1, 2, 1, 1, 1)
+    grads = {}
+    for target in ("probs", "sqrt_probs"):
+        student = torch.tensor([0.0, -2.0 * 6.9], dtype=torch.float64).reshape(1, 2, 1, 1, 1).requires_grad_(True)
+        loss, _ = KDLoss(lambda_kd=1.0, kd_target=target, temperature=T)(student, teacher, None)
+        loss.backward()
+        grads[target] = float(student.grad[0, 1].abs())
+    assert grads["sqrt_probs"] > 10 * grads["probs"], grads
+
+
 def test_lambda_zero_is_plain_supervised_and_one_is_pure_imitation():
     s, t, y = tiny_batch(seed=2)
     sup_only, _ = KDLoss(lambda_kd=0.0)(as_t(s), None, as_t(y, torch.long))
