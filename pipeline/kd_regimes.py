@@ -58,12 +58,12 @@ VARIANTS: dict[str, tuple[float, dict[str, Any]]] = {
     "kd_l1_linear_every_case": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced",
                                       "labelled_fraction": None, "labelled_fraction_end": None,
                                       "lambda_schedule": "linear"}),
-    # The demo's loss (since 2026-12-04): the labelled share of the crops rises from 0.5 to 1 as λ falls to 0
+    # The demo's loss from 2026-12-04 to 12-06: the labelled share of the crops rises from 0.5 to 1 as λ falls to 0
     # (distill/sampling.py), so the late steps, where an unlabelled crop carries almost no loss, go to the labels.
     "kd_l1_linear_share": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
                                  "labelled_fraction_end": 1.0, "lambda_schedule": "linear"}),
-    # The demo's loss with the MSE on square roots of the probabilities (distill/loss.py: a missed class's gradient
-    # does not fade like its probability).
+    # The demo's loss (since 2026-12-07): kd_l1_linear_share with the MSE on square roots of the probabilities
+    # (distill/loss.py: a missed class's gradient does not fade like its probability).
     "kd_l1_linear_share_sqrt": (1.0, {"pseudo_labels": False, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
                                       "labelled_fraction_end": 1.0, "lambda_schedule": "linear",
                                       "kd_target": "sqrt_probs"}),
@@ -75,11 +75,14 @@ VARIANTS: dict[str, tuple[float, dict[str, Any]]] = {
     "kd_half_cosine": (0.5, {"pseudo_labels": True, "kd_weighting": "class_balanced", "labelled_fraction": 0.5,
                              "schedule": "cosine"}),
 }
-# Every variant but the demo's own (kd_l1_linear_share) was measured with a constant labelled share of crops; each
-# keeps it whatever the config says (a variant's settings are its recipe, as measured).
+# Every variant but kd_l1_linear_share(_sqrt) was measured with a constant labelled share of crops, and every one but
+# kd_l1_linear_share_sqrt (the demo's since 2026-12-07) with the MSE on probabilities; each keeps them whatever the
+# config says (a variant's settings are its recipe, as measured).
 for _name, (_lam, _settings) in VARIANTS.items():
     if _lam > 0 and _name != "kd_l1_linear_share":
         _settings.setdefault("labelled_fraction_end", None)
+    if _lam > 0:
+        _settings.setdefault("kd_target", "probs")
 REGIMES = ("few", "full")
 
 
