@@ -126,6 +126,8 @@ class StudentConfig:
     names: list = field(default_factory=lambda: ["swinunetr_tiny", "swinunetr_small"])  # demo
     roi_size: list = field(default_factory=lambda: [64, 64, 32])  # demo
     arch: dict | None = None  # free-form options over the registry's (student/registry.py)
+    # Step budgets of single students over distill.steps, by name ({swinunetr_small: 200}); null: distill.steps for all
+    steps: dict | None = None
 
 
 @dataclass

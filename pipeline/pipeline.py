@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from configs import config_hash, resolve_config
+from configs import ConfigError, config_hash, resolve_config
 from data.atomic import atomic_path, write_json_atomic, write_text_atomic
 from data.prepare import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
@@ -54,6 +54,7 @@ class Pipeline:
         # Resolved against configs/schema.py (every key present, at its default where cfg lacks it) and a copy:
         # the tuning stage writes the λ it found into this run's config, never the caller's.
         self.cfg = resolve_config(cfg)
+        student_budgets(self.cfg)  # a bad per-student budget fails here, before any stage
         run = self.cfg["run"]
         setup_distributed(device="cpu" if str(run["device"]) == "cpu" else None)
         self.run_dir = Path(out_dir or Path("runs") / str(run["name"])).resolve()
@@ -264,6 +265,9 @@ class Pipeline:
     def stage_students(self, teacher_ckpt: Path | None, cache_dir: Path | None) -> list[StudentResult]:
         """Each of ``student.names`` at ``distill.lambda_kd``, then one comparison student of the first name.
 
+        A student trains ``student.steps[name]`` steps where given, else ``distill.steps``; the comparison
+        student trains as many as the first name.
+
         The comparison (``distill.baseline_lambda_zero``) is the λ = 0 baseline when the students distil;
         when the λ search found λ = 0 best, it is the best completed KD trial (λ > 0) instead, continued like
         any other matching trial, so the report still sets a KD student beside the label-trained one.
@@ -282,7 +286,8 @@ class Pipeline:
                     self.log(f"[students] λ = 0 won the search; the best KD trial (λ = {best_kd['lambda_kd']:.4g}, "
                              f"trial {best_kd['number']}) is the comparison student")
                     runs.append((first, float(best_kd["lambda_kd"])))
-        return [self.stage_student(name, lam, teacher_ckpt, cache_dir) for name, lam in runs]
+        budgets = student_budgets(self.cfg)
+        return [self.stage_student(name, lam, teacher_ckpt, cache_dir, steps=budgets.get(name)) for name, lam in runs]
 
     def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,
                       steps: int | None = None) -> StudentResult:
@@ -491,6 +496,24 @@ class Pipeline:
         from distill.stages import artifact_hash
 
         return artifact_hash(path)
+
+
+def student_budgets(cfg: Mapping[str, Any]) -> dict[str, int]:
+    """``student.steps`` checked: ``{name: steps}`` for names of ``student.names``, each a positive int.
+
+    Raises ConfigError naming the key (``student.steps.<name>``) of a student the run does not train or of a
+    budget that is not a positive whole number.
+    """
+    budgets = cfg["student"].get("steps") or {}
+    names = list(cfg["student"]["names"])
+    out = {}
+    for name, steps in budgets.items():
+        if name not in names:
+            raise ConfigError(f"student.steps.{name}: {name!r} is not one of student.names {names}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ConfigError(f"student.steps.{name}: expected a positive number of steps, got {steps!r}")
+        out[str(name)] = int(steps)
+    return out
 
 
 def _yaml(cfg: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
 """The typed config (configs/schema.py): defaults filled, unknown keys and wrong types refused by name."""
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,26 @@ def test_a_tuple_from_code_is_a_list_and_a_path_is_no_string():
     assert resolve_config({"teacher": {"roi_size": (32, 32, 32)}})["teacher"]["roi_size"] == (32, 32, 32)
     with pytest.raises(ConfigError, match="'data.source'"):
         resolve_config({"data": {"source": P("/tmp")}})
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("{swinunetr_small: 200}", "student.steps.swinunetr_small: 'swinunetr_small' is not one of student.names"),
+    ("{swinunetr_tiny: 0}", "student.steps.swinunetr_tiny: expected a positive number of steps, got 0"),
+    ("{swinunetr_tiny: 2.5}", "student.steps.swinunetr_tiny: expected a positive number of steps, got 2.5"),
+    ("{swinunetr_tiny: true}", "student.steps.swinunetr_tiny: expected a positive number of steps, got True"),
+])
+def test_a_student_budget_for_an_unknown_student_or_of_no_steps_is_refused_before_any_stage(budget, message, tmp_path):
+    from pipeline import Pipeline
+
+    cfg = load_config("demo", [f"student.steps={budget}", "run.threads=null"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Pipeline(cfg, out_dir=tmp_path / "run", log=lambda line: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_student_budgets_by_name():
+    from pipeline.pipeline import student_budgets
+
+    cfg = load_config("demo_full", ["student.steps={swinunetr_small: 200}"])
+    assert student_budgets(cfg) == {"swinunetr_small": 200}
+    assert student_budgets(load_config("demo")) == {}

@@ -144,6 +144,12 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     ran = {name for name, stage in third["stages"].items() if not stage["skipped"]}
     assert ran == {"evaluation"}
 
+    # A budget of the student's own (student.steps) retrains it and its λ = 0 comparison, at that budget.
+    fourth = main(args + ["evaluation.nsd_tolerance_mm=6.0", "student.steps={unet_small: 3}"])
+    ran = {name for name, stage in fourth["stages"].items() if not stage["skipped"]}
+    assert ran == {"student unet_small", "student unet_small_lambda0", "evaluation"}
+    assert [s["last_step"] for s in fourth["students"]] == [3, 3]
+
 
 @pytest.mark.slow
 def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phantom_dataset, tmp_path):
