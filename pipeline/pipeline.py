@@ -14,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import shutil
@@ -499,20 +500,27 @@ class Pipeline:
 
 
 def student_budgets(cfg: Mapping[str, Any]) -> dict[str, int]:
-    """``student.steps`` checked: ``{name: steps}`` for names of ``student.names``, each a positive int.
+    """``student.steps`` checked: ``{name: steps}`` for the students of ``student.names`` given a budget.
 
-    Raises ConfigError naming the key (``student.steps.<name>``) of a student the run does not train or of a
-    budget that is not a positive whole number.
+    Like ``student.arch``, one setting serves every run of a preset: the budget of a known student the run does
+    not train is ignored (``student.names=[swinunetr_tiny]`` on the demo, whose small student has one), a name
+    no student has is refused (a typo), and so is a budget that is not a positive whole number, naming the key
+    ``student.steps.<name>``.
     """
+    from student import STUDENTS
+
     budgets = cfg["student"].get("steps") or {}
     names = list(cfg["student"]["names"])
     out = {}
     for name, steps in budgets.items():
-        if name not in names:
-            raise ConfigError(f"student.steps.{name}: {name!r} is not one of student.names {names}")
+        if name not in STUDENTS:
+            near = difflib.get_close_matches(str(name), sorted(STUDENTS), n=1)
+            raise ConfigError(f"student.steps.{name}: no student is called {name!r}"
+                              + (f" (did you mean {near[0]!r}?)" if near else f" (known: {sorted(STUDENTS)})"))
         if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"student.steps.{name}: expected a positive number of steps, got {steps!r}")
-        out[str(name)] = int(steps)
+        if name in names:
+            out[str(name)] = int(steps)
     return out
 
 

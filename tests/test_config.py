@@ -5,6 +5,7 @@ from configs import ConfigError, config_hash, flatten, load_config
 
 
 def test_demo_preset_loads_by_name_and_overrides_apply():
+    assert load_config("demo")["student"]["names"] == ["swinunetr_tiny", "swinunetr_small"]
     cfg = load_config("demo", ["teacher.steps=7", "distill.lambda_kd=0.25", "student.names=[swinunetr_tiny]"])
     assert cfg["teacher"]["steps"] == 7
     assert cfg["distill"]["lambda_kd"] == 0.25

@@ -141,7 +141,7 @@ def test_a_tuple_from_code_is_a_list_and_a_path_is_no_string():
 
 
 @pytest.mark.parametrize("budget, message", [
-    ("{swinunetr_small: 200}", "student.steps.swinunetr_small: 'swinunetr_small' is not one of student.names"),
+    ("{swinunetr_smal: 200}", "student.steps.swinunetr_smal: no student is called 'swinunetr_smal' (did you mean 'swinunetr_small'?)"),
     ("{swinunetr_tiny: 0}", "student.steps.swinunetr_tiny: expected a positive number of steps, got 0"),
     ("{swinunetr_tiny: 2.5}", "student.steps.swinunetr_tiny: expected a positive number of steps, got 2.5"),
     ("{swinunetr_tiny: true}", "student.steps.swinunetr_tiny: expected a positive number of steps, got True"),
@@ -155,9 +155,10 @@ def test_a_student_budget_for_an_unknown_student_or_of_no_steps_is_refused_befor
     assert not (tmp_path / "run").exists()
 
 
-def test_student_budgets_by_name():
+def test_student_budgets_by_name_for_the_students_a_run_trains():
     from pipeline.pipeline import student_budgets
 
-    cfg = load_config("demo_full", ["student.steps={swinunetr_small: 200}"])
-    assert student_budgets(cfg) == {"swinunetr_small": 200}
-    assert student_budgets(load_config("demo")) == {}
+    assert student_budgets(load_config("demo")) == {"swinunetr_small": 300}
+    assert student_budgets(load_config("demo_full")) == {}
+    # The demo's budget of its small student means nothing to a run that trains the tiny one alone.
+    assert student_budgets(load_config("demo", ["student.names=[swinunetr_tiny]"])) == {}
