@@ -147,3 +147,22 @@ def test_summary_of_case_metrics_end_to_end():
     assert summary["per_class"]["liver"]["dice"] == pytest.approx(1.0)
     assert summary["per_class"]["spleen"]["dice"] == 0.0
     assert summary["mean"]["dice"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nsd_and_hd95_from_one_surface_pass_equal_monais_two_functions(seed):
+    """The NSD and HD95 computed from one pass over the surfaces are MONAI's compute_surface_dice and
+    compute_hausdorff_distance on the same masks, to float rounding, on irregular overlapping shapes."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    rng = np.random.default_rng(seed)
+    ref = sphere(CENTER, RADIUS) & (rng.random(SHAPE) > 0.2)
+    pred = sphere(CENTER + rng.normal(0, 3, 3), RADIUS * rng.uniform(0.7, 1.2)) | (rng.random(SHAPE) > 0.995)
+    yp = torch.from_numpy(pred)[None, None].float()
+    yg = torch.from_numpy(ref)[None, None].float()
+    for tol in (0.0, 1.5, 4.0):
+        ours = mask_metrics(pred, ref, SPACING, tol)
+        nsd = compute_surface_dice(yp, yg, [tol], include_background=True, spacing=list(SPACING)).item()
+        hd95 = compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=list(SPACING)).item()
+        assert 0.0 < nsd < 1.0 and hd95 > 1.0  # a case where both are informative
+        assert ours["nsd"] == pytest.approx(nsd, abs=1e-6) and ours["hd95"] == pytest.approx(hd95, abs=1e-5)
