@@ -29,11 +29,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# `make demo ARGS='student.names=[swinunetr_tiny]'`: config overrides passed to distill/run.py (README, "The demo's
+# budget and the CPU").
 demo: $(STAMP)
-	$(PY) distill/run.py --config configs/demo.yaml $(call DEMO_NAME,demo)
+	$(PY) distill/run.py --config configs/demo.yaml $(call DEMO_NAME,demo) $(ARGS)
 
 demo-full: $(STAMP)
-	$(PY) distill/run.py --config configs/demo_full.yaml $(call DEMO_NAME,demo_full)
+	$(PY) distill/run.py --config configs/demo_full.yaml $(call DEMO_NAME,demo_full) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 --durations=15
