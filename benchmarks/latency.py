@@ -58,6 +58,7 @@ def run_benchmarks(
     log_mlflow: bool = True,
     peak_size: int | None = None,
     progress: bool = True,
+    run_dir_bundles: bool = True,
 ) -> dict[str, Any]:
     """Measure every row, write the report and return it.
 
@@ -81,6 +82,9 @@ def run_benchmarks(
         log_mlflow: log to the active MLflow run, if any.
         peak_size: GEMM matrix side (default 1024 quick, 2048 otherwise).
         progress: print one line per row.
+        run_dir_bundles: measure every bundle found in ``run_dir``; ``False`` takes only its teacher and test
+            cases from it, and the bundles measured are ``bundles`` alone (the pipeline's: this run's students,
+            not one an earlier run with other ``student.names`` left in the folder).
 
     Returns:
         ``{"rows", "peaks", "machine", "cross_checks", "notes", "files": {name: path}}``.
@@ -103,6 +107,9 @@ def run_benchmarks(
         dice_split = "given"
         if run_dir is not None:
             found, run_cases = entries_from_run_dir(run_dir)
+            if not run_dir_bundles:
+                wanted = {Path(b).resolve() for b in bundles}
+                found = [e for e in found if not e.bundle or Path(e.bundle).resolve() in wanted]
             entries += found
             if dice_cases is None:
                 dice_cases = run_cases

@@ -418,7 +418,10 @@ class Pipeline:
                   "data": self.records["data"].artifact_hashes["data"]}
 
         def body(directory: Path) -> tuple[dict[str, str], dict]:
+            # This run's bundles only: the folder may hold one of a student an earlier run trained and this one
+            # does not (make demo, then make demo ARGS='student.names=[swinunetr_tiny]').
             out = run_benchmarks(run_dir=self.run_dir, bundles=list(bundles.values()), out_dir=directory,
+                                 run_dir_bundles=False,
                                  nsd_tolerance_mm=float(self.cfg["evaluation"]["nsd_tolerance_mm"]),
                                  **config_kwargs(bcfg))
             return dict(out.get("files", {})), {"rows": len(out.get("rows", [])), "notes": out.get("notes", [])}

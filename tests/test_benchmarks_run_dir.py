@@ -85,6 +85,25 @@ def test_run_dir_rows_are_each_measured_once_and_scored_on_the_test_split(run_di
     assert "held-out test case" in md and "unet_small" in md
 
 
+def test_the_pipeline_measures_its_own_bundles_not_one_an_earlier_run_left_in_the_folder(run_dir, tmp_path):
+    """A bundle of a student the run does not train (an earlier run's, with other student.names) is measured when the
+    whole folder is asked for, and left out when the pipeline names its bundles (run_dir_bundles=False)."""
+    run, _, _ = run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.copytree(copy / "bundle" / "unet_small", copy / "bundle" / "earlier_student")
+    section = {"quick": True, "threads": [2], "workloads": ["patch"], "runtimes": ["openvino"],
+               "precisions": ["fp32"], "cross_check": False}
+    ours = copy / "bundle" / "unet_small" / "bundle"
+    models = {}
+    for whole_folder in (True, False):
+        result = run_benchmarks(run_dir=copy, bundles=[ours], out_dir=tmp_path / f"bench_{whole_folder}",
+                                warmup=0, repeats=1, log_mlflow=False, progress=False, run_dir_bundles=whole_folder,
+                                **config_kwargs(section))
+        models[whole_folder] = sorted(r["model"] for r in result["rows"])
+    assert models == {True: ["earlier_student", "unet_small"], False: ["unet_small"]}
+
+
 def test_eager_rows_segment_a_volume_as_the_deployed_bundle_does(run_dir, tmp_path):
     """PyTorch rows go through deploy's steps (body crop included): the same mask as ONNX Runtime's."""
     import nibabel as nib
