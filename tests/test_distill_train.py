@@ -152,3 +152,16 @@ def test_a_labelled_share_that_moves_over_the_run_trains_and_is_logged(setup, tm
         train_student(bad, run_dir, "unet_small", 0.5, cache_dir=cache.directory, out_dir=tmp_path / "bad",
                       progress=False)
     assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_the_student_command_trains_the_budget_the_pipeline_gives_that_student(phantom_dataset, tmp_path):
+    """python -m distill.train: student.steps of the student by default (as distill/run.py trains it), --steps over it."""
+    from commands.student_train import main
+
+    torch.set_num_threads(2)
+    args = ["--student", "unet_small", "--lambda", "0", "--out", str(tmp_path / "run"), f"data.source={phantom_dataset}",
+            "data.site.source=null", "preprocess.spacing_mm=[6.0, 6.0, 6.0]", "run.device=cpu",
+            "student.names=[unet_small]", "student.roi_size=[64, 32, 32]", "distill.steps=4", "distill.val_every=2",
+            "distill.warmup_steps=1", "student.steps={unet_small: 2}"]
+    assert main(args).last_step == 2
+    assert main(args + ["--steps", "3"]).last_step == 3
