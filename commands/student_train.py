@@ -25,12 +25,7 @@ def main(argv: Sequence[str] | None = None) -> StudentResult:
     cfg = run_config(args)
     name = args.student or cfg["student"]["names"][0]
     lambda_kd = float(cfg["distill"]["lambda_kd"] if args.lambda_kd is None else args.lambda_kd)
-    from pipeline.pipeline import student_budgets
     from training.distributed import cleanup, is_main_process
-
-    # The pipeline's budget for this student by default, so that this command and distill/run.py train (and keep)
-    # the same student in runs/<run.name>/students/<name> rather than replacing each other's.
-    steps = args.steps if args.steps is not None else student_budgets(cfg).get(name)
 
     pipeline = Pipeline(cfg, out_dir=args.out, tracking_uri=args.tracking_uri)  # joins torchrun's process group
     with pipeline.tracking():
@@ -40,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> StudentResult:
             teacher_ckpt = pipeline.stage_teacher()
             if cfg["distill"]["mode"] == "cached":  # cfg is resolved (configs.load_config)
                 cache_dir = pipeline.stage_cache(teacher_ckpt)
-        result = pipeline.stage_student(name, lambda_kd, teacher_ckpt, cache_dir, steps=steps)
+        result = pipeline.stage_student(name, lambda_kd, teacher_ckpt, cache_dir, steps=args.steps)
     if is_main_process():
         print(f"[student] best validation Dice {result.best_dice:.3f} at step {result.best_step}; {result.checkpoint}")
     cleanup()

@@ -287,12 +287,14 @@ class Pipeline:
                     self.log(f"[students] λ = 0 won the search; the best KD trial (λ = {best_kd['lambda_kd']:.4g}, "
                              f"trial {best_kd['number']}) is the comparison student")
                     runs.append((first, float(best_kd["lambda_kd"])))
-        budgets = student_budgets(self.cfg)
-        return [self.stage_student(name, lam, teacher_ckpt, cache_dir, steps=budgets.get(name)) for name, lam in runs]
+        return [self.stage_student(name, lam, teacher_ckpt, cache_dir) for name, lam in runs]
 
     def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,
                       steps: int | None = None) -> StudentResult:
-        """Train (or find up to date) one student."""
+        """Train (or find up to date) one student, for ``steps`` steps; ``None``: the student's budget
+        (``student.steps[name]``, else ``distill.steps``), so that every command trains the same student."""
+        if steps is None:
+            steps = student_budgets(self.cfg).get(name)
         data = self._need_data()
         folder = name if lambda_kd > 0 else f"{name}_lambda0"
         directory = self.run_dir / "students" / folder
