@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,18 +41,79 @@ def export_onnx(model: nn.Module, roi_size: Sequence[int], path: str | Path, in_
     model = model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        # optimize=True (the default) is required: the unoptimised SwinUNETR graph fails in ONNX Runtime
-        # ("bias must be a 1D tensor"). It is also most of the export time.
+        # Our own optimisation (optimize_graph) in place of the exporter's optimize=True: the same file for the
+        # students in 40 % less export time (see optimize_graph).
         program = torch.onnx.export(model, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True,
+                                    opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=False,
                                     verbose=False)
     if program is None:
         raise ExportError(f"{path}: torch.onnx.export returned no program")
+    optimize_graph(program.model)
+    check_conv_biases(program.model, path)
     # > 2 GB cannot live in one protobuf; students are far below that.
     program.save(str(path), external_data=False)
     if not path.is_file() or os.path.getsize(path) == 0:
         raise ExportError(f"{path}: ONNX export wrote nothing")
     return path
+
+
+def optimize_graph(model: Any) -> None:
+    """Optimise an exported ONNX IR model in place: the exporter's own optimiser (onnxscript's ``optimize_ir``)
+    with the 9 of its 46 rewrite rules that change a student's graph.
+
+    ``optimize=True`` spends most of SwinUNETR's export matching 46 rules against every node (252 385 tries for the
+    tiny student, 60 of 94 s under a profiler). On SwinUNETR-tiny and -small only these rules fire: the exporter binds
+    zero biases of the wrong shape to bias-free convolutions (``[C, 2]``; ONNX Runtime refuses them: "bias must be a 1D
+    tensor"), which the bias rule removes, and transposes, reshapes and unsqueezes come in pairs that fold into one.
+    The result is byte-identical to ``optimize=True`` for both students (test); the export of SwinUNETR-tiny at 64 x
+    64 x 32 takes 15-17 s against 27-31 s (2 threads, AMD EPYC capped to AVX2 + FMA). A graph another rule would have
+    changed is still correct, only less folded.
+    """
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+    from onnxscript.rewriter.rules import common as rules
+
+    fold = _constant_folding.FoldConstantsPass(shape_inference=True,
+                                               input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                               output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                               should_fold=lambda node: None)
+    rewrite = rewriter.RewritePass([rules.remove_optional_bias_from_conv_rule, rules.transpose_transpose_rule,
+                                    rules.no_op_transpose_rule, rules.reshape_reshape_rule,
+                                    rules.unsqueeze_unsqueeze_rule, rules.cast_cast_rule, rules.no_op_cast_rule,
+                                    rules.no_op_expand_rule, rules.materialize_reshape_shape_rule])
+    # The order of onnxscript's optimize_ir (0.7), which makes the file identical to its output.
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([fold, rewrite, common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
+                               common.RemoveUnusedOpsetsPass()], steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+
+
+def check_conv_biases(model: Any, path: str | Path) -> None:
+    """Refuse a graph with a convolution bias that is not ``[output channels]`` (ONNX Runtime would fail on it later,
+    on first use, far from the export)."""
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        bias, weight = node.inputs[2], node.inputs[1]
+        shape = bias.shape if bias.shape is not None else getattr(bias.const_value, "shape", None)
+        if shape is None:
+            continue  # not known before shape inference
+        shape = tuple(shape)
+        out_channels = weight.shape[0] if node.op_type == "Conv" and weight.shape is not None else None
+        if len(shape) != 1 or (out_channels is not None and shape[0] != out_channels):
+            raise ExportError(f"{path}: {node.op_type} {node.name!r} has a bias of shape {shape}, not "
+                              f"[{out_channels if out_channels is not None else 'C'}] (an exporter fault this "
+                              "export's optimisation does not repair)")
 
 
 def onnx_logits(path: str | Path, batch: np.ndarray, threads: int | None = None) -> np.ndarray:
