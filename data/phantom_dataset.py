@@ -10,9 +10,10 @@ depend on how many are written. ``main`` is the command line, run as ``python -m
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -44,9 +45,55 @@ def case_rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), split, index]))
 
 
+def _write_case(job: tuple) -> dict:
+    """Generate and save one case (in a worker process): its dataset entries, organ volumes and mean HU, and the
+    arrays for the preview when asked."""
+    split, i, seed, size, label_gallbladder, spacing_mm, root, classes, keep_arrays = job
+    root = Path(root)
+    case_id = f"phantom_{i:03d}" if split == 0 else f"phantom_ts_{i:03d}"
+    t0 = time.perf_counter()
+    image, label, affine = make_phantom(case_rng(seed, split, i), size, label_gallbladder=label_gallbladder,
+                                        spacing_mm=spacing_mm)
+    seconds = time.perf_counter() - t0
+    out: dict = {"split": split, "image": f"./imagesTr/{case_id}.nii.gz" if split == 0 else f"./imagesTs/{case_id}.nii.gz"}
+    _save_nifti(image, affine, root / out["image"])
+    present: list[int] = []
+    if split == 0:
+        out["label"] = f"./labelsTr/{case_id}.nii.gz"
+        _save_nifti(label, affine, root / out["label"])
+        voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+        out["volumes"], out["mean_hu"] = {}, {}
+        for k in classes:
+            mask = label == k
+            out["volumes"][k] = float(mask.sum()) * voxel_ml
+            out["mean_hu"][k] = float(image[mask].mean()) if mask.any() else None
+        present = sorted(int(v) for v in np.unique(label) if v)
+    if keep_arrays:
+        out["preview"] = (case_id, image, label if split == 0 else None, affine)
+    out["line"] = (f"{case_id}: {size[0]}x{size[1]}x{size[2]} voxels, HU [{int(image.min())}, {int(image.max())}], "
+                   f"organs {len(present)}/{len(classes)}, {seconds:.2f} s")
+    return out
+
+
+def _map_cases(jobs: list[tuple], workers: int) -> Iterator[dict]:
+    """``_write_case`` over ``jobs`` in order, in ``workers`` processes (spawned: the caller may hold thread pools or
+    OpenVINO, which a fork would copy in a broken state)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers <= 1 or len(jobs) < 2 or (main_file is not None and not Path(main_file).is_file()):
+        # (a program read from standard input cannot be re-imported by spawned workers)
+        yield from map(_write_case, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(int(workers), len(jobs)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_write_case, jobs)
+
+
 def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int = 0,
                   size: Sequence[int] = DEFAULT_SIZE, preview: bool = False, *, label_gallbladder: bool = False,
-                  verbose: bool = False, spacing_mm: Sequence[float] | None = None) -> Path:
+                  verbose: bool = False, spacing_mm: Sequence[float] | None = None, workers: int = 1) -> Path:
     """Write an MSD-layout phantom dataset (imagesTr, labelsTr, imagesTs, dataset.json) under ``root``.
 
     Args:
@@ -59,6 +106,7 @@ def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int =
         label_gallbladder: label the gallbladder as class 8.
         verbose: print one line per case and summary statistics.
         spacing_mm: voxel spacing (field of view ``size × spacing_mm``); ``None``: the default field of view.
+        workers: processes generating cases (each case has its own random stream, so the files do not depend on it).
 
     Returns:
         The dataset root.
@@ -69,38 +117,25 @@ def write_dataset(root: str | Path, cases: int, test_cases: int = 0, seed: int =
     fov = field_of_view(size, spacing_mm)
     root = Path(root)
     labels = dataset_labels(label_gallbladder)
-    training, test = [], []
-    previews = []
+    jobs = [(split, i, int(seed), size, bool(label_gallbladder), spacing_mm, str(root),
+             tuple(k for k in labels if k), bool(preview) and n < 6)
+            for n, (split, i) in enumerate([(0, i) for i in range(int(cases))] + [(1, i) for i in range(int(test_cases))])]
+    training, test, previews = [], [], []
     volumes = {k: [] for k in labels if k}
     mean_hu = {k: [] for k in labels if k}
-    for split, count in ((0, int(cases)), (1, int(test_cases))):
-        for i in range(count):
-            case_id = f"phantom_{i:03d}" if split == 0 else f"phantom_ts_{i:03d}"
-            t0 = time.perf_counter()
-            image, label, affine = make_phantom(case_rng(seed, split, i), size, label_gallbladder=label_gallbladder,
-                                                spacing_mm=spacing_mm)
-            seconds = time.perf_counter() - t0
-            image_rel = f"./imagesTr/{case_id}.nii.gz" if split == 0 else f"./imagesTs/{case_id}.nii.gz"
-            _save_nifti(image, affine, root / image_rel)
-            if split == 0:
-                label_rel = f"./labelsTr/{case_id}.nii.gz"
-                _save_nifti(label, affine, root / label_rel)
-                training.append({"image": image_rel, "label": label_rel})
-                voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-                for k in volumes:
-                    mask = label == k
-                    volumes[k].append(float(mask.sum()) * voxel_ml)
-                    if mask.any():
-                        mean_hu[k].append(float(image[mask].mean()))
-            else:
-                test.append(image_rel)
-            if preview and len(previews) < 6:
-                previews.append((case_id, image, label if split == 0 else None, affine))
-            if verbose:
-                present = sorted(int(v) for v in np.unique(label) if v) if split == 0 else []
-                print(f"{case_id}: {size[0]}x{size[1]}x{size[2]} voxels, "
-                      f"HU [{int(image.min())}, {int(image.max())}], "
-                      f"organs {len(present)}/{len(labels) - 1}, {seconds:.2f} s", flush=True)
+    for case in _map_cases(jobs, workers):
+        if case["split"] == 0:
+            training.append({"image": case["image"], "label": case["label"]})
+            for k in volumes:
+                volumes[k].append(case["volumes"][k])
+                if case["mean_hu"][k] is not None:
+                    mean_hu[k].append(case["mean_hu"][k])
+        else:
+            test.append(case["image"])
+        if case.get("preview") is not None:
+            previews.append(case["preview"])
+        if verbose:
+            print(case["line"], flush=True)
     info = {
         "name": "Phantom",
         "description": "Synthetic contrast-enhanced abdominal CT phantoms (sam3d-distill data.phantom)",

@@ -137,3 +137,20 @@ def test_a_clinical_field_of_view_keeps_the_anatomy_at_its_size_with_air_around(
     assert image[SMALL[0] // 2, SMALL[1] // 2].max() > -500  # the body at the centre
     with pytest.raises(PhantomError, match="spacing"):
         make_phantom(3, SMALL, spacing_mm=(1.0, 0.0, 2.0))
+
+
+def test_cases_written_by_two_processes_are_those_one_process_writes(tmp_path, capsys):
+    # Each case has its own random stream, so the workers (spawned processes) change the time, not the dataset.
+    write_dataset(tmp_path / "one", 3, test_cases=1, seed=4, size=(48, 48, 24), verbose=True)
+    one = capsys.readouterr().out
+    write_dataset(tmp_path / "two", 3, test_cases=1, seed=4, size=(48, 48, 24), verbose=True, workers=2)
+    two = capsys.readouterr().out
+    assert json.loads((tmp_path / "one" / "dataset.json").read_text()) == json.loads((tmp_path / "two" / "dataset.json").read_text())
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.nii.gz"))
+    assert len(files) == 7
+    for rel in files:
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "one" / rel).dataobj),
+                                      np.asarray(nib.load(tmp_path / "two" / rel).dataobj))
+    # the same lines in the same order, up to each case's seconds, and the same organ statistics
+    strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]
+    assert strip(one.replace("/one", "/two")) == strip(two) and "phantom_ts_000" in one and "liver" in two
