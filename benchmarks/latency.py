@@ -6,8 +6,9 @@
 
 Rows: teacher (PyTorch eager) and every student on PyTorch eager, ONNX Runtime and OpenVINO, FP32,
 bf16 where the CPU has it natively, INT8 where export wrote an INT8 model; two workloads (one ROI patch;
-one whole CT volume end to end). Each row runs in a fresh process (``benchmarks.row``); Dice and NSD of
-its masks on held-out cases are scored here (``benchmarks.accuracy``). Output in
+one whole CT volume end to end). Each model × runtime × precision × threads runs its patch and volume rows in a
+fresh process, the patch first (``benchmarks.row``, ``benchmarks.plan.process_groups``); Dice and NSD of its
+masks on held-out cases are scored here (``benchmarks.accuracy``). Output in
 ``--out``: ``benchmark.csv``, ``report.md``, ``latency_<workload>.png``, ``dice_vs_latency_<workload>.png``,
 ``machine.json``; logged to the active MLflow run, if any.
 """
@@ -29,7 +30,7 @@ from benchmarks.measure import MeasureError, run_module_in_subprocess
 # model discovery and row planning are their own modules; these names stay importable from here
 from benchmarks.models import (BenchmarkConfigError, ModelEntry, entries_from_run_dir, entry_from_bundle,  # noqa: F401
                                quick_entry, run_dir_cases)
-from benchmarks.plan import plan_rows, skipped_rows  # noqa: F401
+from benchmarks.plan import plan_rows, process_groups, skipped_rows  # noqa: F401
 from benchmarks.peak import cpu_supports_bf16, measure_peaks
 from benchmarks.runtimes import PRECISIONS, RUNTIMES, model_files
 from benchmarks.volume import resampled_shape, sliding_window_count
@@ -174,8 +175,10 @@ def run_benchmarks(
 
         by_name = {e.name: e for e in entries}
         dice_done: dict[tuple[str, str, str], dict] = {}
-        rows: list[dict] = []
-        for plan in plan_rows(entries, threads, workloads, bf16_native, runtimes, precisions):
+        plans = plan_rows(entries, threads, workloads, bf16_native, runtimes, precisions)
+        specs: list[dict[str, Any]] = []
+        dice_planned: set[tuple[str, str, str]] = set()
+        for n, plan in enumerate(plans):
             entry = by_name[plan["model"]]
             spec: dict[str, Any] = {**plan, "entry": entry.as_dict()}
             if plan["workload"] == "patch":
@@ -184,36 +187,52 @@ def run_benchmarks(
                 spec.update(volume_path=ct_info["path"], bundle=entry.bundle, warmup=warm_c, repeats=rep_c)
                 if (entry.torch or {}).get("kind") != "arch" or plan["runtime"] != "pytorch":
                     spec.update(dice_cases=[[ct_info["path"], ct_info["label"]]],
-                                pred_dir=str(tmp / "pred" / f"row{len(rows):03d}_ct"))
+                                pred_dir=str(tmp / "pred" / f"row{n:03d}_ct"))
             else:
                 spec.update(volume_path=str(volume_path), bundle=entry.bundle, warmup=warm_v, repeats=rep_v)
                 key = (plan["model"], plan["runtime"], plan["precision"])
                 scorable = dice_cases and (entry.torch or {}).get("kind") != "arch" if plan["runtime"] == "pytorch" else dice_cases
-                if scorable and key not in dice_done:
+                if scorable and key not in dice_planned:
+                    dice_planned.add(key)
                     spec.update(dice_cases=[list(c) for c in dice_cases],
-                                pred_dir=str(tmp / "pred" / f"row{len(rows):03d}_{plan['threads']}"))
-            row_started = time.perf_counter()
+                                pred_dir=str(tmp / "pred" / f"row{n:03d}_{plan['threads']}"))
+            specs.append(spec)
+        results: dict[int, dict] = {}
+        for group in process_groups(plans):
+            group_started = time.perf_counter()
             try:
-                result = run_module_in_subprocess("benchmarks.row", spec, plan["threads"])
+                if len(group) == 1:
+                    outcome = [run_module_in_subprocess("benchmarks.row", specs[group[0]], plans[group[0]]["threads"])]
+                else:
+                    outcome = run_module_in_subprocess("benchmarks.row", {"rows": [specs[i] for i in group]},
+                                                       plans[group[0]]["threads"])["rows"]
             except MeasureError as exc:
-                notes.append(f"FAILED {plan['model']} {plan['runtime']} {plan['precision']} t{plan['threads']} "
-                             f"{plan['workload']}: {str(exc).splitlines()[-1][:300]}")
-                if progress:
-                    print(f"[bench] {notes[-1]}")
+                for i in group:
+                    plan = plans[i]
+                    notes.append(f"FAILED {plan['model']} {plan['runtime']} {plan['precision']} t{plan['threads']} "
+                                 f"{plan['workload']}: {str(exc).splitlines()[-1][:300]}")
+                    if progress:
+                        print(f"[bench] {notes[-1]}")
                 continue
-            if result.get("pred_paths") and plan["workload"] == "ct":
-                dice_done[(plan["model"], plan["runtime"], plan["precision"], "ct")] = score_masks(
-                    result["pred_paths"], [(ct_info["path"], ct_info["label"])], entry.labels or {}, nsd_tolerance_mm,
-                    surface=False)
-            elif result.get("pred_paths"):
-                dice_done[(plan["model"], plan["runtime"], plan["precision"])] = score_masks(
-                    result["pred_paths"], dice_cases, entry.labels or {}, nsd_tolerance_mm)
-            rows.append(_row(plan, entry, result, ct_info if plan["workload"] == "ct" else volume_info))
+            for i, result in zip(group, outcome):
+                plan, entry = plans[i], by_name[plans[i]["model"]]
+                if result.get("pred_paths") and plan["workload"] == "ct":
+                    dice_done[(plan["model"], plan["runtime"], plan["precision"], "ct")] = score_masks(
+                        result["pred_paths"], [(ct_info["path"], ct_info["label"])], entry.labels or {}, nsd_tolerance_mm,
+                        surface=False)
+                elif result.get("pred_paths"):
+                    dice_done[(plan["model"], plan["runtime"], plan["precision"])] = score_masks(
+                        result["pred_paths"], dice_cases, entry.labels or {}, nsd_tolerance_mm)
+                results[i] = _row(plan, entry, result, ct_info if plan["workload"] == "ct" else volume_info)
+                if progress:
+                    r = results[i]
+                    print(f"[bench] {r['model']} {r['runtime']} {r['precision']} t{r['threads']} {r['workload']}: "
+                          f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB"
+                          f"{', with Dice' if result.get('pred_paths') else ''}")
             if progress:
-                r = rows[-1]
-                print(f"[bench] {r['model']} {r['runtime']} {r['precision']} t{r['threads']} {r['workload']}: "
-                      f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, peak RSS {r['peak_rss_mb']:.0f} MB "
-                      f"(row {time.perf_counter() - row_started:.1f} s{', with Dice' if result.get('pred_paths') else ''})")
+                print(f"[bench] ({len(group)} row{'s' if len(group) > 1 else ''} in one process: "
+                      f"{time.perf_counter() - group_started:.1f} s)")
+        rows: list[dict] = [results[i] for i in sorted(results)]
         for r in rows:
             key = (r["model"], r["runtime"], r["precision"]) + (("ct",) if r["workload"] == "ct" else ())
             scores = dice_done.get(key, {})

@@ -58,3 +58,20 @@ def skipped_rows(entries: Sequence[ModelEntry], bf16_native: bool) -> list[str]:
                     why = f"export wrote no {precision} model for {runtime}"
                 out.append(f"{entry.name} {runtime} {precision}: {why}")
     return out
+
+
+def process_groups(plans: Sequence[dict]) -> list[list[int]]:
+    """Indices of ``plans`` measured in one process each: the patch and volume rows of one model × runtime ×
+    precision × threads share a process, the patch first; a CT row has a process of its own.
+
+    A fresh process per row cost the demo's benchmark 5-7 s of interpreter start and imports per PyTorch row (MONAI
+    imports every one of its modules); sharing halves that. The patch row's peak RSS is still its own (measured
+    before the volume's model is loaded); the volume row's is the process's, at least the patch's.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, plan in enumerate(plans):
+        key = (plan["model"], plan["runtime"], plan["precision"], plan["threads"])
+        key = key + ((i,) if plan["workload"] not in ("patch", "volume") else ())
+        groups.setdefault(key, []).append(i)
+    order = {"patch": 0, "volume": 1}
+    return [sorted(g, key=lambda i: order.get(plans[i]["workload"], 2)) for g in groups.values()]

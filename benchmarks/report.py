@@ -139,8 +139,10 @@ def write_markdown(
         f"{machine.get('logical_cores')} logical cores; features {', '.join(machine.get('cpu_features', [])) or 'none'}"
         + (f"; capped to {machine['isa_cap']} by ONEDNN_MAX_CPU_ISA" if machine.get("isa_cap") else "") + ")",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items()),
-        "- Peak memory is the peak RSS of a fresh process per row (interpreter and runtime libraries "
-        "included; `base_rss_mb` in the CSV is the same process before the model was loaded).",
+        "- Peak memory is the peak RSS of a fresh process (interpreter and runtime libraries included; `base_rss_mb` "
+        "in the CSV is the same process before the model was loaded). The patch and volume rows of one model × "
+        "runtime × precision share that process, the patch first: the patch row's peak is its own, the volume "
+        "row's at least the patch's.",
         "- `speedup_vs_eager` = p50 of the PyTorch-eager FP32 row of the same model, threads and workload "
         "divided by this row's p50; `pct_of_peak` = achieved GFLOP/s ÷ the GEMM peak of the row's "
         "precision (INT8 rows: the FP32 peak) at the same thread count.",

@@ -1,7 +1,8 @@
-"""One measurement row, run in a fresh process: ``python -m benchmarks.row SPEC.json OUT.json``.
+"""Measurement rows, run in a fresh process: ``python -m benchmarks.row SPEC.json OUT.json``.
 
-A fresh process per row keeps rows independent (one runtime's thread pool or allocator does not
-colour the next row) and makes its peak RSS that of this row alone.
+A fresh process keeps rows of different models, runtimes and precisions independent (one runtime's thread pool or
+allocator does not colour the next row). The patch and volume rows of one model × runtime × precision share one
+(``{"rows": [patch spec, volume spec]}``; ``benchmarks.plan.process_groups``): the patch row's peak RSS is its own.
 
 Spec keys: ``entry`` (model entry dict), ``runtime``, ``precision``, ``threads``, ``workload``
 (``"patch"``, ``"volume"`` or ``"ct"``), ``warmup``, ``repeats``; patch rows: ``roi_size``, ``batch``; volume rows:
@@ -89,6 +90,23 @@ def measure_row(spec: dict) -> dict:
     return result
 
 
+def measure_rows(specs: list[dict]) -> dict:
+    """Several rows of one model × runtime × precision × threads in this process, in order (``benchmarks.plan.
+    process_groups``: the patch, then the volume). Each row's peak RSS is the process's when it ends, so the first
+    row's is its own; every row reports the library footprint measured before the first model was loaded."""
+    import gc
+
+    out = []
+    base = None
+    for spec in specs:
+        result = measure_row(spec)
+        base = result["base_rss_mb"] if base is None else base
+        result["base_rss_mb"] = base
+        out.append(result)
+        gc.collect()
+    return {"rows": out}
+
+
 def _ct_row(spec: dict, runtime: str, precision: str, threads: int):
     """Time the clinical-size CT end to end (``benchmarks.ct``); the last repeat's mask is kept for Dice."""
     import shutil
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.row SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
-    result = measure_row(spec)
+    result = measure_rows(spec["rows"]) if "rows" in spec else measure_row(spec)
     Path(args[1]).write_text(json.dumps(result))
     return 0
 

@@ -16,6 +16,7 @@ from benchmarks.measure import MeasureError, time_runs, timing_from_samples
 from benchmarks.peak import PeakError
 from benchmarks.report import read_csv
 from benchmarks.volume import sliding_window_count
+from benchmarks.plan import process_groups
 
 
 def test_gemm_peak_is_positive_and_bf16_is_measured_where_native():
@@ -94,6 +95,21 @@ def test_plan_rows_follows_what_exists(tiny_onnx):
     # no eager model, no INT8 file, no bf16, no bundle for the volume workload
     assert combos == {("onnxruntime", "fp32", 1, "patch"), ("onnxruntime", "fp32", 2, "patch"),
                       ("openvino", "fp32", 1, "patch"), ("openvino", "fp32", 2, "patch")}
+
+
+def test_patch_and_volume_rows_of_one_model_runtime_precision_and_threads_share_a_process():
+    plans = [{"model": m, "runtime": r, "precision": "fp32", "threads": t, "workload": w}
+             for w in ("patch", "volume", "ct") for m in ("a", "b") for r in ("pytorch", "openvino") for t in (1, 2)]
+    groups = process_groups(plans)
+    assert sorted(i for g in groups for i in g) == list(range(len(plans)))  # every row once
+    for g in groups:
+        rows = [plans[i] for i in g]
+        if rows[0]["workload"] == "ct":
+            assert len(rows) == 1  # a CT row measures its own process (deploy.infer children)
+        else:
+            assert [r["workload"] for r in rows] == ["patch", "volume"]  # the patch first: its peak RSS is its own
+            assert len({(r["model"], r["runtime"], r["precision"], r["threads"]) for r in rows}) == 1
+    assert len(groups) == 8 + 8
 
 
 def test_harness_on_tiny_onnx_model_writes_every_report_file(tiny_onnx, tmp_path):
