@@ -30,6 +30,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch threads; None = torch's default (export: 2)
+    # Minutes this invocation may take: a student after the first of student.names that would take the run past it
+    # is left out, named in the report (pipeline/budget.py). None: every student trains.
+    time_budget_minutes: float | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ def build_report(
     benchmark: Mapping[str, str] | None,
     wall_seconds: float,
     tune: Mapping[str, Any] | None = None,
+    budget: Sequence[Mapping[str, Any]] = (),
 ) -> dict:
     """Collect the run's results into one JSON-able dict.
 
@@ -35,6 +36,8 @@ def build_report(
         benchmark: benchmark artifacts, or None when skipped.
         wall_seconds: total wall time of this invocation.
         tune: the λ search's summary (best λ, Dice at λ = 0 and λ = 1), or None when it did not run.
+        budget: ``run.time_budget_minutes``' decisions (``pipeline.budget.BudgetDecision.to_dict``), one per student
+            after the first that was not already trained.
     """
     stages = {
         name: {"wall_seconds": round(float(r.wall_seconds), 2), "skipped": bool(r.skipped), "artifacts": dict(r.artifacts),
@@ -97,6 +100,9 @@ def build_report(
         "bundles": dict(bundles),
         "benchmark": dict(benchmark) if benchmark else None,
         "tune": dict(tune) if tune else None,
+        # run.time_budget_minutes: each later student's projected run, and the students it left out
+        "time_budget": {"minutes": cfg["run"].get("time_budget_minutes"), "decisions": [dict(d) for d in budget],
+                        "left_out": [d["name"] for d in budget if not d["train"]]},
         "mlflow": f"sqlite:///{Path(run_dir) / 'mlflow.db'}",
     }
 
@@ -179,6 +185,18 @@ def format_report(report: Mapping[str, Any]) -> str:
                       "(distill.labelled_fraction)."]
         if report.get("curves"):
             lines += ["", f"Validation Dice against training minutes: {report['curves']}"]
+    budget = report.get("time_budget") or {}
+    if budget.get("decisions"):
+        lines += ["", f"## Time budget ({budget['minutes']:g} min, run.time_budget_minutes)", ""]
+        for d in budget["decisions"]:
+            verdict = "trained" if d["train"] else "**left out**"
+            lines.append(f"- {d['name']}: {verdict}. After {d['elapsed_minutes']:.1f} min the run was projected at "
+                         f"{d['projected_minutes']:.1f} min with it ({d['seconds_per_step']:.2f} s per training step "
+                         f"measured on this CPU × {d['steps']} steps, with its export and benchmark) and "
+                         f"{d['without_minutes']:.1f} min without (pipeline/budget.py).")
+        if budget.get("left_out"):
+            lines.append(f"- To train {', '.join(budget['left_out'])} here anyway: run.time_budget_minutes=null "
+                         "(make demo ARGS='run.time_budget_minutes=null', or make demo-full).")
     tune = report.get("tune")
     if tune:
         ends = tune.get("endpoints") or {}

@@ -118,6 +118,11 @@ def stage_artifact(directory: str | Path, name: str) -> Path | None:
     return Path(path) if path and Path(path).exists() else None
 
 
+def stage_up_to_date(directory: str | Path, inputs: Mapping[str, Any]) -> bool:
+    """Whether ``run_stage`` would skip this stage (done, for these inputs, every artifact on disk)."""
+    return _up_to_date(_read(Path(directory) / "stage.json"), config_hash(dict(inputs))) is not None
+
+
 def _up_to_date(previous: dict | None, inputs_hash: str) -> dict | None:
     """The previous record when it is done, for the same inputs, with every artifact still on disk."""
     if previous is None or previous.get("inputs_hash") != inputs_hash or previous.get("status") != "done":

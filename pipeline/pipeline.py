@@ -29,6 +29,7 @@ from data.atomic import atomic_path, write_json_atomic, write_text_atomic
 from data.prepare import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
 from distill.train import StudentResult, train_student
+from pipeline.budget import BudgetDecision, Clock, probe_seconds_per_step, project
 from training.distributed import resolve_device
 from training.distributed import barrier, is_main_process
 
@@ -64,6 +65,9 @@ class Pipeline:
         self.tracker = Tracker(self.run_dir, experiment=str(run["name"]), tracking_uri=tracking_uri)
         self.records: dict[str, StageRecord] = {}
         self.data: PreparedData | None = None
+        # run.time_budget_minutes (pipeline/budget.py): the wall clock of run(), and the students it left out
+        self.clock = Clock()
+        self.budget_decisions: list[BudgetDecision] = []
         self.device = resolve_device(str(run["device"]))
         threads = run["threads"]
         if threads:
@@ -272,13 +276,16 @@ class Pipeline:
         The comparison (``distill.baseline_lambda_zero``) is the λ = 0 baseline when the students distil;
         when the λ search found λ = 0 best, it is the best completed KD trial (λ > 0) instead, continued like
         any other matching trial, so the report still sets a KD student beside the label-trained one.
+
+        Under ``run.time_budget_minutes`` (pipeline/budget.py) a student after the first that would take the run
+        past the budget is left out (``self.budget_decisions`` says which and why); the first always trains.
         """
         lambda_kd = float(self.cfg["distill"]["lambda_kd"])
         first = self.cfg["student"]["names"][0]
-        runs = [(name, lambda_kd) for name in self.cfg["student"]["names"]]
+        comparison = None
         if self.cfg["distill"]["baseline_lambda_zero"]:
             if lambda_kd > 0:
-                runs.append((first, 0.0))
+                comparison = (first, 0.0)
             else:
                 kd = [t for t in self._complete_trials()
                       if t.get("student") == first and float(t["lambda_kd"]) > 0 and t.get("dice") is not None]
@@ -286,18 +293,49 @@ class Pipeline:
                     best_kd = max(kd, key=lambda t: t["dice"])
                     self.log(f"[students] λ = 0 won the search; the best KD trial (λ = {best_kd['lambda_kd']:.4g}, "
                              f"trial {best_kd['number']}) is the comparison student")
-                    runs.append((first, float(best_kd["lambda_kd"])))
-        return [self.stage_student(name, lam, teacher_ckpt, cache_dir) for name, lam in runs]
+                    comparison = (first, float(best_kd["lambda_kd"]))
+        self.budget_decisions = []
+        results = []
+        for name in self.cfg["student"]["names"]:
+            if results and not self._fits_budget(name, lambda_kd, results[0], comparison):
+                continue
+            results.append(self.stage_student(name, lambda_kd, teacher_ckpt, cache_dir))
+        if comparison is not None:
+            results.append(self.stage_student(*comparison, teacher_ckpt, cache_dir))
+        return results
 
-    def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,
-                      steps: int | None = None) -> StudentResult:
-        """Train (or find up to date) one student, for ``steps`` steps; ``None``: the student's budget
-        (``student.steps[name]``, else ``distill.steps``), so that every command trains the same student."""
-        if steps is None:
-            steps = student_budgets(self.cfg).get(name)
-        data = self._need_data()
+    def named_students(self, students: list[StudentResult]) -> list[StudentResult]:
+        """The deliverables among ``stage_students``' results: the students of ``student.names`` it trained, not the
+        comparison student appended after them."""
+        trained = len(self.cfg["student"]["names"]) - sum(not d.train for d in self.budget_decisions)
+        return students[:trained]
+
+    def _fits_budget(self, name: str, lambda_kd: float, first: StudentResult,
+                     comparison: tuple[str, float] | None) -> bool:
+        """Whether student ``name`` (not the first) trains under ``run.time_budget_minutes``; logs the decision."""
+        budget = self.cfg["run"].get("time_budget_minutes")
+        elapsed = self.clock.elapsed()
+        if budget is None or elapsed is None:
+            return True
+        budgets, default_steps = student_budgets(self.cfg), int(self.cfg["distill"]["steps"])
+        if self._student_up_to_date(name, lambda_kd, budgets.get(name)):
+            return True  # trained by an earlier invocation: costs nothing now
+        pending = 0.0
+        if comparison is not None:
+            other, other_lambda = comparison
+            if (self.trial_to_continue(other, other_lambda, budgets.get(other)) is None
+                    and not self._student_up_to_date(other, other_lambda, budgets.get(other))):
+                pending = float(first.seconds_per_step or 0.0) * (budgets.get(other) or default_steps)
+        self.log(f"[students] timing {name}'s training step on this CPU for the time budget ({budget:g} min)")
+        seconds = probe_seconds_per_step(self.cfg, name, max(int(k) for k in self._need_data().labels) + 1)
+        decision = project(float(budget), elapsed, name, seconds, budgets.get(name) or default_steps, pending_s=pending)
+        self.budget_decisions.append(decision)
+        self.log(f"[students] {decision.sentence()}")
+        return decision.train
+
+    def _student_inputs(self, name: str, lambda_kd: float, steps: int) -> tuple[str, Path, dict]:
+        """A student stage's folder name, folder and inputs (what makes it up to date)."""
         folder = name if lambda_kd > 0 else f"{name}_lambda0"
-        directory = self.run_dir / "students" / folder
         uses_teacher = lambda_kd > 0
         inputs = {
             "name": name, "lambda_kd": lambda_kd, "steps": steps,
@@ -309,9 +347,26 @@ class Pipeline:
             "cache": self.records["cache"].inputs_hash if uses_teacher and "cache" in self.records else None,
             "seed": self.cfg["run"]["seed"],
         }
-
         trial = self.trial_to_continue(name, lambda_kd, steps)
         inputs["continues_trial"] = None if trial is None else {k: trial[k] for k in ("number", "out_dir", "last_step")}
+        return folder, self.run_dir / "students" / folder, inputs
+
+    def _student_up_to_date(self, name: str, lambda_kd: float, steps: int) -> bool:
+        from distill.stages import stage_up_to_date
+
+        _, directory, inputs = self._student_inputs(name, lambda_kd, steps)
+        return stage_up_to_date(directory, inputs)
+
+    def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,
+                      steps: int | None = None) -> StudentResult:
+        """Train (or find up to date) one student, for ``steps`` steps; ``None``: the student's budget
+        (``student.steps[name]``, else ``distill.steps``), so that every command trains the same student."""
+        if steps is None:
+            steps = student_budgets(self.cfg).get(name)
+        data = self._need_data()
+        folder, directory, inputs = self._student_inputs(name, lambda_kd, steps)
+        uses_teacher = lambda_kd > 0
+        trial = self.trial_to_continue(name, lambda_kd, steps)
 
         def body(out: Path) -> tuple[dict[str, str], dict]:
             if trial is not None:
@@ -436,6 +491,7 @@ class Pipeline:
         from distill.report import build_report, format_report
 
         started = time.perf_counter()
+        self.clock.start()
         with self.tracking():
             self.stage_data()
             tuning = bool(self.cfg["tune"]["enabled"])
@@ -449,10 +505,11 @@ class Pipeline:
             evaluation = self.stage_evaluation(teacher_ckpt, students)
             # The deliverables are the students of student.names at the chosen λ (even when the search found
             # λ = 0 best); the λ = 0 baseline appended after them is for comparison only.
-            bundles = self.stage_export(students[: len(self.cfg["student"]["names"])])
+            bundles = self.stage_export(self.named_students(students))
             benchmark = self.stage_benchmark(bundles)
             report = build_report(self.cfg, self.run_dir, self.records, students, evaluation, bundles, benchmark,
-                                  wall_seconds=time.perf_counter() - started, tune=tune)
+                                  wall_seconds=time.perf_counter() - started, tune=tune,
+                                  budget=[d.to_dict() for d in self.budget_decisions])
             if is_main_process():
                 report["curves"] = self._plot_curves(students)
             text = format_report(report)

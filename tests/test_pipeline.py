@@ -150,6 +150,23 @@ def test_pipeline_runs_every_stage_then_skips_what_is_up_to_date(phantom_dataset
     assert ran == {"student unet_small", "student unet_small_lambda0", "evaluation"}
     assert [s["last_step"] for s in fourth["students"]] == [3, 3]
 
+    # run.time_budget_minutes (pipeline/budget.py): a student after the first that would take the run past the budget
+    # is left out, and the report says so; with time enough it trains, and the first student never waits for it.
+    two = args + ["evaluation.nsd_tolerance_mm=6.0", "student.steps={unet_small: 3}",
+                  "student.names=[unet_small, basic_unet]"]
+    fifth = main(two + ["run.time_budget_minutes=0.001"])
+    assert fifth["time_budget"]["left_out"] == ["basic_unet"]
+    assert [d["name"] for d in fifth["time_budget"]["decisions"]] == ["basic_unet"]
+    assert fifth["time_budget"]["decisions"][0]["seconds_per_step"] > 0
+    assert {name for name, stage in fifth["stages"].items() if not stage["skipped"]} == set()
+    assert set(fifth["models"]) == {"teacher", "unet_small", "unet_small (λ=0)"}
+    assert "- basic_unet: **left out**" in (run_dir / "report.md").read_text()
+    sixth = main(two + ["run.time_budget_minutes=600"])
+    assert sixth["time_budget"]["left_out"] == [] and sixth["time_budget"]["decisions"][0]["train"]
+    ran = {name for name, stage in sixth["stages"].items() if not stage["skipped"]}
+    assert ran == {"student basic_unet", "evaluation"}
+    assert set(sixth["models"]) == {"teacher", "unet_small", "basic_unet", "unet_small (λ=0)"}
+
 
 @pytest.mark.slow
 def test_pipeline_tunes_lambda_then_trains_the_student_with_the_best_lambda(phantom_dataset, tmp_path):
