@@ -1,7 +1,7 @@
 """``run.time_budget_minutes``: a wall-time promise kept on slower CPUs by leaving out students after the first.
 
 ``make demo`` promises a run of at most 30 minutes on a 2-core CPU, and the CPUs it meets differ by 2x and more
-(docs/measurements.md: the same flow took 21 minutes on one AMD EPYC capped to AVX2 and about 40 by estimate on the
+(docs/measurements.md: the same flow took 20 minutes on an AMD EPYC capped to AVX2 and about 40 by estimate on the
 slowest AVX2-only EPYC measured). As AutoML tools do under a time limit, the pipeline trains what fits: the first
 student of ``student.names`` always trains (the λ search is its), each later one only when the run, projected with it,
 stays within the budget. Its step is measured here, on this CPU, before it trains (``probe_seconds_per_step``), and the
@@ -12,14 +12,14 @@ still to train), where
 
 - ``elapsed`` is this invocation's wall time so far (data, teacher, cache, λ search, the students before);
 - ``TAIL_FRACTION`` is what the evaluation, export and benchmark of the students already trained cost against it:
-  0.15 in ``make demo ISA=avx2`` on the AMD EPYC of 2026-12-07 (evaluation ~16 + export 33 + benchmark ~65 s after
-  ~770 s), about 0.2 by estimate on the AVX2-only EPYC of 2026-12-02; 0.2 is used;
-- ``COST_FACTOR`` is a student's whole cost against its training alone: SwinUNETR-small in that run took 299 s to
-  train (0.93 s/step in the stage, 0.87 s in a bare step), 41 s to export, ~45 s of benchmark rows and 8 s of
-  evaluation: 1.5x its bare steps.
+  0.19 in ``make demo ISA=avx2`` on the AMD EPYC of 2026-12-07 (evaluation ~20 + export 35 + benchmark ~67 s after
+  648 s), about 0.2 by estimate on the AVX2-only EPYC of 2026-12-02;
+- ``COST_FACTOR`` is a student's whole cost against its bare steps: SwinUNETR-small in that run, 0.86 s/step x 300 =
+  258 s bare, took 307 s to train, 43 s to export, ~45 s of benchmark rows and ~8 s of evaluation: 1.56x.
 
-By this formula the projection with the small student was ~22 minutes on that EPYC capped to AVX2 (the run took 21.4); on the
-AVX2-only EPYC, by estimate, ~41 with it and ~26 without.
+In that run the projection with the small student was 19.4 minutes after 10.8 (it trained; the run took 19.8). On
+the AVX2-only EPYC, by estimate, it would be ~40.6 minutes with it and ~25.9 without (docs/measurements.md, "Export,
+phantoms and benchmark processes cut, and a time budget for the demo").
 """
 from __future__ import annotations
 
