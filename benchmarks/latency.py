@@ -177,7 +177,6 @@ def run_benchmarks(
         dice_done: dict[tuple[str, str, str], dict] = {}
         plans = plan_rows(entries, threads, workloads, bf16_native, runtimes, precisions)
         specs: list[dict[str, Any]] = []
-        dice_planned: set[tuple[str, str, str]] = set()
         for n, plan in enumerate(plans):
             entry = by_name[plan["model"]]
             spec: dict[str, Any] = {**plan, "entry": entry.as_dict()}
@@ -190,16 +189,17 @@ def run_benchmarks(
                                 pred_dir=str(tmp / "pred" / f"row{n:03d}_ct"))
             else:
                 spec.update(volume_path=str(volume_path), bundle=entry.bundle, warmup=warm_v, repeats=rep_v)
-                key = (plan["model"], plan["runtime"], plan["precision"])
-                scorable = dice_cases and (entry.torch or {}).get("kind") != "arch" if plan["runtime"] == "pytorch" else dice_cases
-                if scorable and key not in dice_planned:
-                    dice_planned.add(key)
-                    spec.update(dice_cases=[list(c) for c in dice_cases],
-                                pred_dir=str(tmp / "pred" / f"row{n:03d}_{plan['threads']}"))
             specs.append(spec)
         results: dict[int, dict] = {}
         for group in process_groups(plans):
             group_started = time.perf_counter()
+            for i in group:  # Dice once per model × runtime × precision: on its first volume row that runs
+                plan, entry = plans[i], by_name[plans[i]["model"]]
+                key = (plan["model"], plan["runtime"], plan["precision"])
+                scorable = dice_cases and (entry.torch or {}).get("kind") != "arch" if plan["runtime"] == "pytorch" else dice_cases
+                if plan["workload"] == "volume" and scorable and key not in dice_done:
+                    specs[i].update(dice_cases=[list(c) for c in dice_cases],
+                                    pred_dir=str(tmp / "pred" / f"row{i:03d}_{plan['threads']}"))
             try:
                 if len(group) == 1:
                     outcome = [run_module_in_subprocess("benchmarks.row", specs[group[0]], plans[group[0]]["threads"])]

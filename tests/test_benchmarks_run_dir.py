@@ -51,13 +51,20 @@ def test_run_dir_rows_are_each_measured_once_and_scored_on_the_test_split(run_di
 
     # what pipeline/pipeline.py passes: the run dir and, again, its bundle
     # the eager (PyTorch) rows run the same code path but cost ~30 s of imports and sliding window here
-    section = {"quick": True, "threads": [2], "workloads": ["volume"], "runtimes": ["onnxruntime", "openvino"],
+    # Two thread counts and both workloads: 8 rows in 4 processes (patch and volume of one runtime × threads share
+    # one), the runtime's Dice scored once and shown on each of its rows.
+    section = {"quick": True, "threads": [1, 2], "workloads": ["patch", "volume"], "runtimes": ["onnxruntime", "openvino"],
                "precisions": ["fp32"], "max_dice_cases": 1, "cross_check": False}
     result = run_benchmarks(run_dir=run, bundles=[bundle], out_dir=tmp_path / "bench", nsd_tolerance_mm=4.0,
                             warmup=0, repeats=1, log_mlflow=False, progress=False, **config_kwargs(section))
     rows = result["rows"]
-    keys = [(r["model"], r["runtime"], r["precision"], r["workload"]) for r in rows]
-    assert sorted(keys) == [("unet_small", "onnxruntime", "fp32", "volume"), ("unet_small", "openvino", "fp32", "volume")]
+    keys = [(r["model"], r["runtime"], r["precision"], r["threads"], r["workload"]) for r in rows]
+    assert sorted(keys) == sorted(("unet_small", rt, "fp32", t, w) for rt in ("onnxruntime", "openvino") for t in (1, 2)
+                                  for w in ("patch", "volume"))
+    assert [r["workload"] for r in rows] == ["patch"] * 4 + ["volume"] * 4  # report order, not process order
+    for runtime in ("onnxruntime", "openvino"):
+        scores = {(r["dice"], r["nsd"]) for r in rows if r["runtime"] == runtime}
+        assert len(scores) == 1 and None not in next(iter(scores)), (runtime, scores)
     dice = {r["runtime"]: r["dice"] for r in rows}
     nsd = {r["runtime"]: r["nsd"] for r in rows}
     # The untrained student has no accuracy to put a floor under: the figures are checked instead. They are the
