@@ -201,11 +201,8 @@ def run_benchmarks(
                     specs[i].update(dice_cases=[list(c) for c in dice_cases],
                                     pred_dir=str(tmp / "pred" / f"row{i:03d}_{plan['threads']}"))
             try:
-                if len(group) == 1:
-                    outcome = [run_module_in_subprocess("benchmarks.row", specs[group[0]], plans[group[0]]["threads"])]
-                else:
-                    outcome = run_module_in_subprocess("benchmarks.row", {"rows": [specs[i] for i in group]},
-                                                       plans[group[0]]["threads"])["rows"]
+                outcome = run_module_in_subprocess("benchmarks.row", {"rows": [specs[i] for i in group]},
+                                                   plans[group[0]]["threads"])["rows"]
             except MeasureError as exc:
                 for i in group:
                     plan = plans[i]

@@ -24,7 +24,6 @@ phantoms and benchmark processes cut, and a time budget for the demo").
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -90,15 +89,3 @@ def probe_seconds_per_step(cfg: Mapping[str, Any], name: str, num_classes: int, 
         stepper["step"]()
     return float(statistics.median(stepper["step"]() for _ in range(steps)))
 
-
-class Clock:
-    """Wall seconds since the pipeline's run started (``None`` outside ``Pipeline.run``: no budget applies)."""
-
-    def __init__(self) -> None:
-        self.started: float | None = None
-
-    def start(self) -> None:
-        self.started = time.perf_counter()
-
-    def elapsed(self) -> float | None:
-        return None if self.started is None else time.perf_counter() - self.started

@@ -29,7 +29,7 @@ from data.atomic import atomic_path, write_json_atomic, write_text_atomic
 from data.prepare import PreparedData, prepare_data
 from distill.stages import StageRecord, run_stage
 from distill.train import StudentResult, train_student
-from pipeline.budget import BudgetDecision, Clock, probe_seconds_per_step, project
+from pipeline.budget import BudgetDecision, probe_seconds_per_step, project
 from training.distributed import resolve_device
 from training.distributed import barrier, is_main_process
 
@@ -65,8 +65,9 @@ class Pipeline:
         self.tracker = Tracker(self.run_dir, experiment=str(run["name"]), tracking_uri=tracking_uri)
         self.records: dict[str, StageRecord] = {}
         self.data: PreparedData | None = None
-        # run.time_budget_minutes (pipeline/budget.py): the wall clock of run(), and the students it left out
-        self.clock = Clock()
+        # run.time_budget_minutes (pipeline/budget.py): when run() started (None outside it: no budget applies),
+        # and its decision on each student after the first
+        self.started: float | None = None
         self.budget_decisions: list[BudgetDecision] = []
         self.device = resolve_device(str(run["device"]))
         threads = run["threads"]
@@ -314,17 +315,17 @@ class Pipeline:
                      comparison: tuple[str, float] | None) -> bool:
         """Whether student ``name`` (not the first) trains under ``run.time_budget_minutes``; logs the decision."""
         budget = self.cfg["run"].get("time_budget_minutes")
-        elapsed = self.clock.elapsed()
-        if budget is None or elapsed is None:
+        if budget is None or self.started is None:
             return True
+        elapsed = time.perf_counter() - self.started
         budgets, default_steps = student_budgets(self.cfg), int(self.cfg["distill"]["steps"])
         if self._student_up_to_date(name, lambda_kd, budgets.get(name)):
             return True  # trained by an earlier invocation: costs nothing now
         pending = 0.0
         if comparison is not None:
             other, other_lambda = comparison
-            if (self.trial_to_continue(other, other_lambda, budgets.get(other)) is None
-                    and not self._student_up_to_date(other, other_lambda, budgets.get(other))):
+            *_, trial = self._student_inputs(other, other_lambda, budgets.get(other))
+            if trial is None and not self._student_up_to_date(other, other_lambda, budgets.get(other)):
                 pending = float(first.seconds_per_step or 0.0) * (budgets.get(other) or default_steps)
         self.log(f"[students] timing {name}'s training step on this CPU for the time budget ({budget:g} min)")
         seconds = probe_seconds_per_step(self.cfg, name, max(int(k) for k in self._need_data().labels) + 1)
@@ -333,8 +334,9 @@ class Pipeline:
         self.log(f"[students] {decision.sentence()}")
         return decision.train
 
-    def _student_inputs(self, name: str, lambda_kd: float, steps: int) -> tuple[str, Path, dict]:
-        """A student stage's folder name, folder and inputs (what makes it up to date)."""
+    def _student_inputs(self, name: str, lambda_kd: float, steps: int | None) -> tuple[str, Path, dict, dict | None]:
+        """A student stage's folder name, folder and inputs (what makes it up to date), and the completed tuning
+        trial it continues (``trial_to_continue``), if any."""
         folder = name if lambda_kd > 0 else f"{name}_lambda0"
         uses_teacher = lambda_kd > 0
         inputs = {
@@ -349,12 +351,12 @@ class Pipeline:
         }
         trial = self.trial_to_continue(name, lambda_kd, steps)
         inputs["continues_trial"] = None if trial is None else {k: trial[k] for k in ("number", "out_dir", "last_step")}
-        return folder, self.run_dir / "students" / folder, inputs
+        return folder, self.run_dir / "students" / folder, inputs, trial
 
-    def _student_up_to_date(self, name: str, lambda_kd: float, steps: int) -> bool:
+    def _student_up_to_date(self, name: str, lambda_kd: float, steps: int | None) -> bool:
         from distill.stages import stage_up_to_date
 
-        _, directory, inputs = self._student_inputs(name, lambda_kd, steps)
+        _, directory, inputs, _ = self._student_inputs(name, lambda_kd, steps)
         return stage_up_to_date(directory, inputs)
 
     def stage_student(self, name: str, lambda_kd: float, teacher_ckpt: Path | None, cache_dir: Path | None,
@@ -364,9 +366,8 @@ class Pipeline:
         if steps is None:
             steps = student_budgets(self.cfg).get(name)
         data = self._need_data()
-        folder, directory, inputs = self._student_inputs(name, lambda_kd, steps)
+        folder, directory, inputs, trial = self._student_inputs(name, lambda_kd, steps)
         uses_teacher = lambda_kd > 0
-        trial = self.trial_to_continue(name, lambda_kd, steps)
 
         def body(out: Path) -> tuple[dict[str, str], dict]:
             if trial is not None:
@@ -490,8 +491,7 @@ class Pipeline:
         """All stages in order, then ``report.json`` and ``report.md``; returns the report."""
         from distill.report import build_report, format_report
 
-        started = time.perf_counter()
-        self.clock.start()
+        self.started = time.perf_counter()
         with self.tracking():
             self.stage_data()
             tuning = bool(self.cfg["tune"]["enabled"])
@@ -508,7 +508,7 @@ class Pipeline:
             bundles = self.stage_export(self.named_students(students))
             benchmark = self.stage_benchmark(bundles)
             report = build_report(self.cfg, self.run_dir, self.records, students, evaluation, bundles, benchmark,
-                                  wall_seconds=time.perf_counter() - started, tune=tune,
+                                  wall_seconds=time.perf_counter() - self.started, tune=tune,
                                   budget=[d.to_dict() for d in self.budget_decisions])
             if is_main_process():
                 report["curves"] = self._plot_curves(students)
